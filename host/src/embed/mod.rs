@@ -1,0 +1,47 @@
+//! Embedders turn texts into vectors. The pipeline reaches them only through the [`Embedder`]
+//! trait, so a deployment can pick the in-process model or (later) a remote model server per
+//! pipeline without the plugin runtime or the sinks knowing which.
+
+use async_trait::async_trait;
+
+/// Why an embedding call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// The model files could not be read or understood.
+    #[error("cannot load the embedding model from {path}: {reason}")]
+    Load {
+        /// The model folder or file.
+        path: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The model failed while computing embeddings.
+    #[error("embedding failed: {0}")]
+    Inference(String),
+}
+
+impl EmbedError {
+    /// Whether trying the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Turns texts into fixed-size vectors.
+///
+/// Contract: `embed` is called with a whole batch (all the texts a handler asked for in one
+/// call) and returns exactly one vector of [`Embedder::dimensions`] floats per text, in input
+/// order. It is pure: the same text always gives the same vector, so a replayed batch is safe.
+/// Implementations must be cheap to share (`Arc`) between pipelines and tasks.
+#[async_trait]
+pub trait Embedder: Send + Sync {
+    /// A stable name for the model, e.g. `all-MiniLM-L6-v2`; vectors from different models
+    /// must never be mixed, so caches key on it.
+    fn model_id(&self) -> &str;
+
+    /// Length of every vector this embedder returns.
+    fn dimensions(&self) -> usize;
+
+    /// Embeds a batch of texts.
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+}

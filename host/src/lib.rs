@@ -1,0 +1,24 @@
+//! pgstream-host streams row changes out of Postgres and runs each batch of them through a
+//! sandboxed WebAssembly handler that turns them into vector-store writes.
+//!
+//! The data flows one way:
+//!
+//! ```text
+//! replication (CopyBoth stream of WAL frames)
+//!   -> pgoutput (pure decoder, zero-copy over Bytes)
+//!   -> pipeline (relation cache, batches of ChangeEvents, ACK bookkeeping)
+//!   -> runtime (wasmtime component per pipeline, `handle(events)`)
+//!   -> host imports: embed / upsert / delete / log
+//!   -> embed::Embedder and sink::Sink
+//! ```
+//!
+//! A WAL position is confirmed to Postgres only after the handler call that covered every event
+//! of the transactions up to it returned successfully: delivery is at least once, and a crash
+//! replays rather than skips.
+#![warn(missing_docs)]
+
+pub mod embed;
+pub mod event;
+pub mod lsn;
+pub mod point;
+pub mod sink;

@@ -1,0 +1,5 @@
+//! The `pgstream-host` command line.
+
+fn main() {
+    println!("pgstream-host {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,47 @@
+//! Sinks store points in a vector store. The pipeline reaches them only through the [`Sink`]
+//! trait; each store is its own module.
+
+use async_trait::async_trait;
+
+use crate::point::{Point, PointKey};
+
+/// Why a sink operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The store could not be reached or dropped the connection.
+    #[error("vector store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store refused the request; repeating it will not help.
+    #[error("vector store rejected the write: {0}")]
+    Rejected(String),
+}
+
+impl SinkError {
+    /// Whether trying the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Unavailable(_))
+    }
+}
+
+/// A vector store.
+///
+/// Contract: `prepare` is called once before any write, with the embedder's dimension; it
+/// creates what is missing (table, collection, index) and checks what exists. The write calls
+/// come from handler calls, in commit order, each with a whole batch. Every write is
+/// idempotent: upserting the same point twice leaves one point, deleting a missing point is not
+/// an error, because after a crash the host replays batches it had not confirmed. A write that
+/// returned `Ok` is durable (the pipeline confirms the WAL position to Postgres after it).
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// Creates or checks the destination for vectors of `dimensions` floats.
+    async fn prepare(&self, dimensions: usize) -> Result<(), SinkError>;
+
+    /// Inserts or replaces points. A point without a vector keeps its stored vector.
+    async fn upsert(&self, points: &[Point]) -> Result<(), SinkError>;
+
+    /// Deletes points by key.
+    async fn delete(&self, keys: &[PointKey]) -> Result<(), SinkError>;
+
+    /// Deletes every point made from rows of `schema.table`.
+    async fn delete_table(&self, schema: &str, table: &str) -> Result<(), SinkError>;
+}

@@ -45,3 +45,36 @@ pub trait Embedder: Send + Sync {
     /// Embeds a batch of texts.
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
 }
+
+/// An embedder for pipelines whose handler never embeds (benchmarks, payload-only sinks): it
+/// reports a dimension so the sink can be prepared, and fails every `embed` call with a message
+/// saying how to configure a real one.
+pub struct NoEmbedder {
+    dimensions: usize,
+}
+
+impl NoEmbedder {
+    /// An embedder that claims vectors of `dimensions` floats but makes none.
+    pub fn new(dimensions: usize) -> NoEmbedder {
+        NoEmbedder { dimensions }
+    }
+}
+
+#[async_trait]
+impl Embedder for NoEmbedder {
+    fn model_id(&self) -> &str {
+        "none"
+    }
+
+    fn dimensions(&self) -> usize {
+        self.dimensions
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Err(EmbedError::Inference(format!(
+            "the handler asked to embed {} texts but the pipeline has no embedder \
+             (--embedder none); choose one with --embedder",
+            texts.len()
+        )))
+    }
+}

@@ -1,9 +1,15 @@
 //! Sinks store points in a vector store. The pipeline reaches them only through the [`Sink`]
 //! trait; each store is its own module.
 
+mod jsonl;
+mod pgvector;
+
 use async_trait::async_trait;
 
 use crate::point::{Point, PointKey};
+
+pub use jsonl::JsonLinesSink;
+pub use pgvector::PgVectorSink;
 
 /// Why a sink operation failed.
 #[derive(Debug, thiserror::Error)]

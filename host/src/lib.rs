@@ -20,5 +20,6 @@
 pub mod embed;
 pub mod event;
 pub mod lsn;
+pub mod pgoutput;
 pub mod point;
 pub mod sink;

@@ -260,6 +260,17 @@ impl SourceConfig {
         let mut source = std::error::Error::source(&error);
         while let Some(cause) = source {
             if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                // tokio-rustls reports handshake and certificate failures as I/O errors
+                // wrapping the rustls error; those are configuration problems, not outages.
+                if io
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<rustls::Error>())
+                {
+                    return ReplicationError::Tls {
+                        target,
+                        source: std::io::Error::new(io.kind(), io.to_string()),
+                    };
+                }
                 return ReplicationError::Connect {
                     target,
                     source: std::io::Error::new(io.kind(), io.to_string()),

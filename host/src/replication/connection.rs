@@ -325,7 +325,7 @@ impl ReplicationConnection {
         self.write(&out).await?;
 
         let bad_proof = |error: io::Error| auth_error(format!("SCRAM exchange failed: {error}"));
-        match self.read_auth_step().await? {
+        match self.read_auth_step(&source.user).await? {
             Message::AuthenticationSaslContinue(body) => {
                 scram.update(body.data()).map_err(bad_proof)?
             }
@@ -338,7 +338,7 @@ impl ReplicationConnection {
         out.clear();
         frontend::sasl_response(scram.message(), &mut out).map_err(|error| self.io_error(error))?;
         self.write(&out).await?;
-        match self.read_auth_step().await? {
+        match self.read_auth_step(&source.user).await? {
             Message::AuthenticationSaslFinal(body) => scram.finish(body.data()).map_err(bad_proof),
             _ => Err(ReplicationError::Protocol(
                 "expected AuthenticationSASLFinal".into(),
@@ -347,13 +347,13 @@ impl ReplicationConnection {
     }
 
     /// Reads the next authentication message, turning an ErrorResponse into an auth error.
-    async fn read_auth_step(&mut self) -> Result<Message, ReplicationError> {
+    async fn read_auth_step(&mut self, user: &str) -> Result<Message, ReplicationError> {
         match self.read_message().await? {
             Incoming::Message(Message::ErrorResponse(body)) => {
                 let error = ServerError::from_fields(body.fields())?;
                 Err(ReplicationError::Auth {
                     target: self.target.clone(),
-                    user: String::new(),
+                    user: user.to_owned(),
                     reason: error.to_string(),
                 })
             }

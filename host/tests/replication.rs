@@ -1119,3 +1119,61 @@ async fn tls_modes_and_scram_channel_binding() -> Result<()> {
     }
     Ok(())
 }
+
+/// Throughput of the stream alone (no decoding): run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, prints numbers"]
+async fn measure_stream_throughput() -> Result<()> {
+    let Some(pg) = shared() else { return Ok(()) };
+    let db = pg.create_database("throughput").await;
+    let admin = pg.admin(&db).await;
+    admin
+        .batch_execute("CREATE TABLE rows (id int PRIMARY KEY, body text)")
+        .await?;
+    let source = SourceConfig::from_dsn(&pg.dsn("postgres", &db, ""))?;
+    setup(
+        &admin,
+        "throughput_slot",
+        "throughput_pub",
+        &[table("rows")],
+    )
+    .await?;
+    const ROWS: usize = 500_000;
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO rows SELECT g, md5(g::text) || md5((g + 1)::text) FROM generate_series(1, {ROWS}) g"
+        ))
+        .await?;
+    let started = Instant::now();
+    let mut stream = ReplicationStream::start(
+        &source,
+        "throughput_slot",
+        "throughput_pub",
+        Lsn::ZERO,
+        StreamOptions::default(),
+    )
+    .await?;
+    let (mut inserts, mut bytes, mut chunks) = (0usize, 0usize, 0usize);
+    while inserts < ROWS {
+        let chunk = tokio::time::timeout(Duration::from_secs(60), stream.recv())
+            .await?
+            .context("stream ended")??;
+        chunks += 1;
+        for message in &chunk {
+            if let WalMessage::XLogData { data, .. } = message {
+                bytes += data.len();
+                inserts += usize::from(data.first() == Some(&b'I'));
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "streamed {inserts} inserts, {:.1} MB of pgoutput in {chunks} chunks in {elapsed:?}: {:.0} msgs/s, {:.1} MB/s",
+        bytes as f64 / 1e6,
+        inserts as f64 / elapsed.as_secs_f64(),
+        bytes as f64 / 1e6 / elapsed.as_secs_f64()
+    );
+    assert_eq!(inserts, ROWS);
+    stream.shutdown().await?;
+    Ok(())
+}

@@ -57,8 +57,13 @@ impl FromStr for SslMode {
 /// One server to try, in DSN order.
 #[derive(Debug, Clone)]
 pub(crate) enum Endpoint {
-    /// A TCP host name or address and port.
-    Tcp { host: String, port: u16 },
+    /// A TCP host name (used for TLS) and port, connected through `address` when the DSN has
+    /// a `hostaddr`.
+    Tcp {
+        host: String,
+        address: Option<std::net::IpAddr>,
+        port: u16,
+    },
     /// A Unix-domain socket `<dir>/.s.PGSQL.<port>`.
     Unix { dir: PathBuf, port: u16 },
 }
@@ -67,8 +72,8 @@ impl Endpoint {
     /// `host:port` or the socket path, for messages.
     pub(crate) fn target(&self) -> String {
         match self {
-            Endpoint::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
-            Endpoint::Tcp { host, port } => format!("{host}:{port}"),
+            Endpoint::Tcp { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
+            Endpoint::Tcp { host, port, .. } => format!("{host}:{port}"),
             Endpoint::Unix { dir, port } => format!("{}/.s.PGSQL.{port}", dir.display()),
         }
     }
@@ -125,7 +130,16 @@ impl SourceConfig {
             .to_owned();
         let dbname = sql.get_dbname().unwrap_or(&user).to_owned();
 
-        let hosts = sql.get_hosts();
+        // libpq: `hostaddr` is where to connect, `host` (if given) the name TLS verifies.
+        let addresses = sql.get_hostaddrs();
+        let hosts: Vec<Host> = if sql.get_hosts().is_empty() {
+            addresses
+                .iter()
+                .map(|address| Host::Tcp(address.to_string()))
+                .collect()
+        } else {
+            sql.get_hosts().to_vec()
+        };
         let ports = sql.get_ports();
         if hosts.is_empty() {
             return Err(ReplicationError::InvalidDsn {
@@ -145,6 +159,7 @@ impl SourceConfig {
                 match host {
                     Host::Tcp(name) => Endpoint::Tcp {
                         host: name.clone(),
+                        address: addresses.get(index).copied(),
                         port,
                     },
                     Host::Unix(dir) => Endpoint::Unix {
@@ -521,6 +536,8 @@ mod tests {
             SourceConfig::from_dsn("host=localhost"),
             Err(ReplicationError::InvalidDsn { .. })
         ));
+        let by_address = SourceConfig::from_dsn("hostaddr=10.1.2.3 user=u").unwrap();
+        assert_eq!(by_address.display(), "u@10.1.2.3:5432/u");
         assert!(matches!(
             SourceConfig::from_dsn("user=u"),
             Err(ReplicationError::InvalidDsn { .. })

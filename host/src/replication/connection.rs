@@ -143,10 +143,16 @@ impl ReplicationConnection {
                 let stream = UnixStream::connect(&path).await.map_err(connect_error)?;
                 (Transport::Unix(stream), None)
             }
-            Endpoint::Tcp { host, port } => {
-                let stream = TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(connect_error)?;
+            Endpoint::Tcp {
+                host,
+                address,
+                port,
+            } => {
+                let stream = match address {
+                    Some(address) => TcpStream::connect((*address, *port)).await,
+                    None => TcpStream::connect((host.as_str(), *port)).await,
+                }
+                .map_err(connect_error)?;
                 stream.set_nodelay(true).map_err(connect_error)?;
                 match (&source.tls, source.ssl_mode) {
                     (Some(tls), mode) if mode != SslMode::Disable => {
@@ -385,6 +391,51 @@ impl ReplicationConnection {
                     ));
                 }
             }
+        }
+    }
+
+    /// Runs a command that returns one value (e.g. `SHOW wal_sender_timeout`, which the
+    /// walsender supports) and returns the first column of the first row.
+    pub(crate) async fn query_value(
+        &mut self,
+        query: &str,
+    ) -> Result<Option<String>, ReplicationError> {
+        use fallible_iterator::FallibleIterator;
+
+        let mut out = BytesMut::new();
+        frontend::query(query, &mut out).map_err(|error| self.io_error(error))?;
+        self.write(&out).await?;
+        let mut value = None;
+        let mut failure = None;
+        // Read through ReadyForQuery even after an error so the connection stays usable.
+        loop {
+            match self.read_message().await? {
+                Incoming::Message(Message::DataRow(row)) if value.is_none() => {
+                    let first = row.ranges().next().map_err(|error| {
+                        ReplicationError::Protocol(format!("malformed DataRow: {error}"))
+                    })?;
+                    if let Some(Some(range)) = first {
+                        let bytes = row.buffer().get(range).ok_or_else(|| {
+                            ReplicationError::Protocol("DataRow column out of bounds".into())
+                        })?;
+                        value = Some(String::from_utf8_lossy(bytes).into_owned());
+                    }
+                }
+                Incoming::Message(Message::ErrorResponse(body)) => {
+                    failure = Some(ServerError::from_fields(body.fields())?);
+                }
+                Incoming::Message(Message::ReadyForQuery(_)) => break,
+                Incoming::Message(_) => {}
+                Incoming::CopyBoth => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected CopyBothResponse to {query}"
+                    )));
+                }
+            }
+        }
+        match failure {
+            Some(error) => Err(ReplicationError::Server(error)),
+            None => Ok(value),
         }
     }
 

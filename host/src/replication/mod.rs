@@ -9,6 +9,15 @@
 //! * [`setup`], [`teardown`], [`preflight`] and [`slot_confirmed_flush_lsn`] run over a regular
 //!   tokio-postgres connection.
 //!
+//! Why not tokio-postgres for the stream: it cannot speak the replication protocol. It has no
+//! way to send the `replication=database` startup parameter and no CopyBoth sub-protocol (its
+//! COPY support is one-directional), while logical replication reads WAL frames and writes
+//! standby status updates on one connection at the same time. So the replication connection is
+//! built from `postgres-protocol`'s message codecs and SCRAM/MD5 helpers on tokio and
+//! tokio-rustls; owning the socket also lets the stream hand out WAL payloads as slices of its
+//! read buffer. The regular SQL connection does use tokio-postgres (+ tokio-postgres-rustls)
+//! with the same TLS rules.
+//!
 //! Errors are [`ReplicationError`]s (with [`ReplicationError::is_retryable`]) and, for the
 //! preflight checks, [`PreflightError`]s that say how to fix the source.
 

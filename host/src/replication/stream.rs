@@ -120,6 +120,10 @@ impl ReplicationStream {
         options: StreamOptions,
     ) -> Result<ReplicationStream, ReplicationError> {
         let mut connection = ReplicationConnection::connect(source).await?;
+        let status_interval = match connection.query_value("SHOW wal_sender_timeout").await? {
+            Some(text) => safe_status_interval(options.status_interval, &text),
+            None => options.status_interval,
+        };
         connection
             .start_copy_both(&start_replication_command(slot, publication, start))
             .await?;
@@ -149,7 +153,7 @@ impl ReplicationStream {
             received: start.0,
             reported_flush: 0,
         };
-        let task = tokio::spawn(task.run(options.status_interval, stop_requested));
+        let task = tokio::spawn(task.run(status_interval, stop_requested));
         Ok(ReplicationStream {
             receiver,
             shared,
@@ -193,6 +197,50 @@ impl ReplicationStream {
             Err(_) => Err(ReplicationError::TaskFailed),
         }
     }
+}
+
+/// The status interval to use against a server whose `wal_sender_timeout` is `timeout_text`
+/// (as `SHOW` prints it: `60s`, `1min`, `500ms`, `0` = disabled): at most a third of the timeout,
+/// so a stalled consumer's timed updates always arrive in time.
+fn safe_status_interval(requested: Duration, timeout_text: &str) -> Duration {
+    let Some(timeout) = parse_postgres_duration(timeout_text) else {
+        return requested;
+    };
+    if timeout.is_zero() {
+        return requested;
+    }
+    let limit = timeout / 3;
+    if requested > limit {
+        tracing::warn!(
+            requested = ?requested,
+            wal_sender_timeout = timeout_text,
+            using = ?limit,
+            "status_interval too close to the server's wal_sender_timeout; lowering it"
+        );
+        limit
+    } else {
+        requested
+    }
+}
+
+/// Parses a time setting as Postgres prints it: an integer and a unit (`ms`, `s`, `min`, `h`,
+/// `d`; milliseconds without one).
+fn parse_postgres_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis_per_unit = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(number.checked_mul(millis_per_unit)?))
 }
 
 /// `START_REPLICATION SLOT "slot" LOGICAL X/Y (proto_version '1', publication_names '"pub"')`.
@@ -709,6 +757,25 @@ mod tests {
         assert_eq!(read_u64(&out, 14), Some(0x1_0000_0001));
         assert_eq!(read_u64(&out, 22), Some(0x1_0000_0001));
         assert_eq!(out[out.len() - 1], 1);
+    }
+
+    #[test]
+    fn status_interval_stays_below_wal_sender_timeout() {
+        let ten = Duration::from_secs(10);
+        assert_eq!(safe_status_interval(ten, "1min"), ten);
+        assert_eq!(safe_status_interval(ten, "60s"), ten);
+        assert_eq!(safe_status_interval(ten, "15s"), Duration::from_secs(5));
+        assert_eq!(
+            safe_status_interval(ten, "1500ms"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(safe_status_interval(ten, "0"), ten);
+        assert_eq!(safe_status_interval(ten, "garbage"), ten);
+        assert_eq!(
+            parse_postgres_duration("2h"),
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(parse_postgres_duration("99999999999999999999d"), None);
     }
 
     #[test]

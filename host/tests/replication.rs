@@ -39,12 +39,7 @@ impl TestPostgres {
     /// whole pg_hba.conf; `prepare` can drop files (certificates) into the data directory
     /// first. `None` (after a loud message) when `PGSTREAM_PG_BIN` is unset.
     fn start(settings: &[(&str, &str)], hba: &str, prepare: impl FnOnce(&Path)) -> Option<Self> {
-        let Some(bin) = std::env::var_os("PGSTREAM_PG_BIN").map(PathBuf::from) else {
-            eprintln!(
-                "\n!!!!! SKIPPING Postgres integration test: set PGSTREAM_PG_BIN to a directory with initdb/pg_ctl/postgres !!!!!\n"
-            );
-            return None;
-        };
+        let bin = postgres_bin()?;
         let root = tempfile::Builder::new()
             .prefix("pgstream-repl-")
             .tempdir()
@@ -206,11 +201,24 @@ const SHARED_HBA: &str = "\
 local all all trust
 host all md5_user 127.0.0.1/32 md5
 host all scram_user 127.0.0.1/32 scram-sha-256
+host all clear_user 127.0.0.1/32 password
 host all all 127.0.0.1/32 trust
 ";
 
+/// `PGSTREAM_PG_BIN`, or `None` after a loud message that the calling test is skipped.
+fn postgres_bin() -> Option<PathBuf> {
+    let bin = std::env::var_os("PGSTREAM_PG_BIN").map(PathBuf::from);
+    if bin.is_none() {
+        eprintln!(
+            "\n!!!!! SKIPPING Postgres integration test: set PGSTREAM_PG_BIN to a directory with initdb/pg_ctl/postgres !!!!!\n"
+        );
+    }
+    bin
+}
+
 /// The cluster most tests share, started on first use.
 fn shared() -> Option<&'static TestPostgres> {
+    postgres_bin()?;
     static SHARED: OnceLock<Option<TestPostgres>> = OnceLock::new();
     SHARED
         .get_or_init(|| {
@@ -704,7 +712,7 @@ async fn preflight_explains_missing_privilege_primary_key_and_table() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn password_authentication_md5_and_scram() -> Result<()> {
+async fn password_authentication_cleartext_md5_and_scram() -> Result<()> {
     let Some(pg) = shared() else { return Ok(()) };
     let db = pg.create_database("auth_methods").await;
     let admin = pg.admin(&db).await;
@@ -714,6 +722,7 @@ async fn password_authentication_md5_and_scram() -> Result<()> {
              CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5 secret'; \
              SET password_encryption = 'scram-sha-256'; \
              CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram secret'; \
+             CREATE ROLE clear_user LOGIN REPLICATION PASSWORD 'clear secret'; \
              CREATE TABLE t (id int PRIMARY KEY)",
         )
         .await?;
@@ -730,7 +739,11 @@ async fn password_authentication_md5_and_scram() -> Result<()> {
     );
     setup(&admin, "auth_slot", "auth_pub", &[table("t")]).await?;
 
-    for (user, password) in [("md5_user", "md5 secret"), ("scram_user", "scram secret")] {
+    for (user, password) in [
+        ("md5_user", "md5 secret"),
+        ("scram_user", "scram secret"),
+        ("clear_user", "clear secret"),
+    ] {
         // Right password: both connection kinds work, and the stream starts.
         let url = format!(
             "postgres://{user}:{}@127.0.0.1:{}/{db}?sslmode=disable",
@@ -957,8 +970,7 @@ async fn tls_modes_and_scram_channel_binding() -> Result<()> {
         eprintln!("\n!!!!! SKIPPING TLS test: no openssl CLI !!!!!\n");
         return Ok(());
     }
-    let Some(bin) = std::env::var_os("PGSTREAM_PG_BIN").map(PathBuf::from) else {
-        eprintln!("\n!!!!! SKIPPING TLS test: PGSTREAM_PG_BIN is unset !!!!!\n");
+    let Some(bin) = postgres_bin() else {
         return Ok(());
     };
     let configure = Command::new(bin.join("pg_config"))

@@ -155,8 +155,8 @@ pub enum ReplicationError {
         reason: String,
     },
     /// The server answered with an `ErrorResponse`.
-    #[error("server error: {0}")]
-    Server(#[source] ServerError),
+    #[error(transparent)]
+    Server(ServerError),
     /// The server sent something this client does not understand.
     #[error("replication protocol violation: {0}")]
     Protocol(String),

@@ -7,9 +7,10 @@
 //! that request a reply, and sends standby status updates every `status_interval` and right after
 //! [`ReplicationStream::confirm`] moves the confirmed position.
 //!
-//! Backpressure: when the channel is full the task stops reading the socket (so memory stays
-//! bounded and the server's send buffer fills up, which is how Postgres throttles a walsender)
-//! but keeps sending status updates on its timer. The walsender's `wal_sender_timeout` only
+//! Backpressure: when the channel is full the task collects what it reads into one pending chunk
+//! (answering keepalives found in it) up to a few MiB, then stops reading the socket (so memory
+//! stays bounded and the server's send buffer fills up, which is how Postgres throttles a
+//! walsender) but keeps sending status updates on its timer. The walsender's `wal_sender_timeout` only
 //! measures time since the last message *from* us, so those timed updates keep the connection
 //! alive even while keepalives queue unread behind WAL data: `status_interval` must stay well
 //! below the server's `wal_sender_timeout` (default 60 s; ours defaults to 10 s).
@@ -390,6 +391,33 @@ fn encode_status_update(out: &mut BytesMut, write: Lsn, flush: Lsn, reply_reques
     out.put_u8(u8::from(reply_requested));
 }
 
+/// How many bytes of WAL frames the task keeps reading while the channel is full. Beyond it the
+/// socket is left unread and TCP flow control throttles the walsender.
+const MAX_PENDING_BYTES: usize = 4 << 20;
+
+/// Messages read while the channel was full, delivered as one chunk when room frees up.
+struct Pending {
+    messages: Vec<WalMessage>,
+    /// Wire bytes of the frames in `messages`.
+    bytes: usize,
+}
+
+impl Pending {
+    /// Appends `messages` (read from `bytes` wire bytes) to the pending chunk, creating it.
+    fn stash(pending: &mut Option<Pending>, messages: Vec<WalMessage>, bytes: usize) {
+        if messages.is_empty() {
+            return;
+        }
+        match pending {
+            Some(existing) => {
+                existing.messages.extend(messages);
+                existing.bytes += bytes;
+            }
+            None => *pending = Some(Pending { messages, bytes }),
+        }
+    }
+}
+
 /// What woke the socket loop.
 enum Event {
     Stop,
@@ -429,8 +457,9 @@ impl StreamTask {
         let mut ticker = tokio::time::interval(status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shared = self.shared.clone();
-        // A chunk the channel had no room for; while it waits the socket is not read.
-        let mut pending: Option<Vec<WalMessage>> = None;
+        // Messages the channel had no room for. They grow up to MAX_PENDING_BYTES (so
+        // keepalives in that data are still answered), then the socket is left unread.
+        let mut pending: Option<Pending> = None;
         let result = loop {
             let event = tokio::select! {
                 biased;
@@ -440,13 +469,15 @@ impl StreamTask {
                 _ = ticker.tick() => Event::Tick,
                 permit = self.sender.reserve(), if pending.is_some() => match permit {
                     Ok(permit) => {
-                        permit.send(Ok(pending.take().unwrap_or_default()));
+                        let messages = pending.take().map(|p| p.messages).unwrap_or_default();
+                        permit.send(Ok(messages));
                         Event::Delivered
                     }
                     // The consumer is gone; say goodbye to the server.
                     Err(_) => Event::Stop,
                 },
-                read = self.reader.read_buf(&mut self.read_buf), if pending.is_none() => Event::Read(read),
+                read = self.reader.read_buf(&mut self.read_buf),
+                    if pending.as_ref().is_none_or(|p| p.bytes < MAX_PENDING_BYTES) => Event::Read(read),
             };
             let step = match event {
                 Event::Stop => return self.finish().await,
@@ -473,8 +504,8 @@ impl StreamTask {
             }
         };
         // Deliver what was read before the end, then the error; the consumer may be gone.
-        if let Some(chunk) = pending.take() {
-            let _ = self.sender.send(Ok(chunk)).await;
+        if let Some(pending) = pending.take() {
+            let _ = self.sender.send(Ok(pending.messages)).await;
         }
         if let Err(error) = result {
             let _ = self.sender.send(Err(error)).await;
@@ -485,9 +516,10 @@ impl StreamTask {
     /// Parses every complete frame in the read buffer into one chunk and forwards it.
     async fn process_buffer(
         &mut self,
-        pending: &mut Option<Vec<WalMessage>>,
+        pending: &mut Option<Pending>,
     ) -> Result<ReadOutcome, ReplicationError> {
         let mut chunk = Vec::new();
+        let buffered = self.read_buf.len();
         let mut outcome = ReadOutcome::Continue;
         while let Some(frame) = parse_frame(&mut self.read_buf)? {
             match frame {
@@ -508,9 +540,7 @@ impl StreamTask {
                     chunk.push(WalMessage::KeepAlive { wal_end });
                 }
                 StreamFrame::Error(error) => {
-                    if !chunk.is_empty() {
-                        *pending = Some(std::mem::take(&mut chunk));
-                    }
+                    Pending::stash(pending, chunk, 0);
                     return Err(ReplicationError::Server(error));
                 }
                 StreamFrame::CopyDone => {
@@ -528,12 +558,19 @@ impl StreamTask {
                 | StreamFrame::Ignored => {}
             }
         }
+        let consumed = buffered.saturating_sub(self.read_buf.len());
         if !chunk.is_empty() {
-            match self.sender.try_send(Ok(chunk)) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(Ok(chunk))) => *pending = Some(chunk),
-                // Consumer gone: nothing more to deliver; the caller's stop path closes up.
-                Err(_) => {}
+            if pending.is_some() {
+                Pending::stash(pending, chunk, consumed);
+            } else {
+                match self.sender.try_send(Ok(chunk)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Ok(chunk))) => {
+                        Pending::stash(pending, chunk, consumed)
+                    }
+                    // Consumer gone: nothing more to deliver; the stop path closes up.
+                    Err(_) => {}
+                }
             }
         }
         Ok(outcome)

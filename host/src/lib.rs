@@ -22,4 +22,5 @@ pub mod event;
 pub mod lsn;
 pub mod pgoutput;
 pub mod point;
+pub mod replication;
 pub mod sink;

@@ -1,0 +1,483 @@
+//! The SQL side of replication, over a regular connection: checking that the source can be
+//! replicated at all (`preflight`), creating the publication and slot idempotently (`setup`),
+//! removing them (`teardown`), and reading a slot's confirmed position.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tokio_postgres::Client;
+
+use super::error::{ReplicationError, ServerError};
+use super::stream::quote_identifier;
+use crate::lsn::Lsn;
+
+/// A schema-qualified table name, as Postgres stores it (case preserved, no quotes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// The schema, `public` when the text named none.
+    pub schema: String,
+    /// The table.
+    pub name: String,
+}
+
+impl TableName {
+    /// `"schema"."name"`, always quoted: safe to splice into SQL.
+    pub fn quoted(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_identifier(&self.schema),
+            quote_identifier(&self.name)
+        )
+    }
+}
+
+/// The text is not `table`, `schema.table` or a quoted form of those.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid table name {text:?}: {reason}")]
+pub struct ParseTableNameError {
+    text: String,
+    reason: &'static str,
+}
+
+impl FromStr for TableName {
+    type Err = ParseTableNameError;
+
+    /// Parses like Postgres: unquoted identifiers fold to lower case, `"quoted"` ones keep case,
+    /// dots and spaces (`""` is a literal quote); a name without schema is in `public`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let error = |reason| ParseTableNameError {
+            text: text.to_owned(),
+            reason,
+        };
+        let mut parts = Vec::with_capacity(2);
+        let mut chars = text.trim().chars().peekable();
+        loop {
+            let mut part = String::new();
+            if chars.next_if_eq(&'"').is_some() {
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.next_if_eq(&'"').is_some() => part.push('"'),
+                        Some('"') => break,
+                        Some(c) => part.push(c),
+                        None => return Err(error("unterminated quoted identifier")),
+                    }
+                }
+            } else {
+                while let Some(c) = chars.next_if(|c| *c != '.') {
+                    if c == '"' || c.is_whitespace() {
+                        return Err(error("unquoted names cannot contain quotes or spaces"));
+                    }
+                    part.extend(c.to_lowercase());
+                }
+            }
+            if part.is_empty() {
+                return Err(error("empty name"));
+            }
+            parts.push(part);
+            match chars.next() {
+                None => break,
+                Some('.') => {}
+                Some(_) => return Err(error("expected '.' or the end after a quoted name")),
+            }
+        }
+        let mut parts = parts.into_iter();
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(name), None, None) => Ok(TableName {
+                schema: "public".into(),
+                name,
+            }),
+            (Some(schema), Some(name), None) => Ok(TableName { schema, name }),
+            _ => Err(error("expected at most schema.table")),
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    /// `schema.table`, quoting only the parts that would not survive unquoted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let part = |text: &str| {
+            let plain = text
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+            if plain {
+                text.to_owned()
+            } else {
+                quote_identifier(text)
+            }
+        };
+        write!(f, "{}.{}", part(&self.schema), part(&self.name))
+    }
+}
+
+/// What [`setup`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupReport {
+    /// The slot did not exist and was created now.
+    pub slot_created: bool,
+    /// The publication did not exist and was created now.
+    pub publication_created: bool,
+    /// Tables that already had rows when the slot was created: those rows predate the slot
+    /// and will not be streamed. Empty unless `slot_created`.
+    pub tables_with_rows: Vec<TableName>,
+}
+
+/// Makes sure `publication` covers `tables` and a pgoutput logical slot `slot` exists.
+/// Idempotent: an existing publication is reused (missing tables are added to it), an existing
+/// pgoutput slot is reused. The publication is created first so the slot's snapshot point comes
+/// after it.
+pub async fn setup(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+    tables: &[TableName],
+) -> Result<SetupReport, ReplicationError> {
+    let publication_created = ensure_publication(client, publication, tables).await?;
+
+    let existing = client
+        .query_opt(
+            "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let slot_created = match existing {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            if plugin.as_deref() != Some("pgoutput") {
+                return Err(ReplicationError::SlotPluginMismatch {
+                    slot: slot.to_owned(),
+                    plugin: plugin.unwrap_or_else(|| "(physical slot)".into()),
+                });
+            }
+            false
+        }
+        None => {
+            let created = client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await;
+            match created {
+                Ok(_) => true,
+                Err(error) => {
+                    return Err(match error.as_db_error() {
+                        // configuration_limit_exceeded: no free slot.
+                        Some(db) if db.code().code() == "53400" => {
+                            ReplicationError::SlotsExhausted(ServerError::from_db_error(db))
+                        }
+                        _ => error.into(),
+                    });
+                }
+            }
+        }
+    };
+
+    let mut tables_with_rows = Vec::new();
+    if slot_created {
+        for table in tables {
+            let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", table.quoted());
+            if client.query_one(&sql, &[]).await?.get::<_, bool>(0) {
+                tables_with_rows.push(table.clone());
+            }
+        }
+    }
+    Ok(SetupReport {
+        slot_created,
+        publication_created,
+        tables_with_rows,
+    })
+}
+
+/// Creates the publication, or adds the tables it lacks. Returns whether it was created.
+async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[TableName],
+) -> Result<bool, ReplicationError> {
+    let existing = client
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    let table_list = |tables: &[&TableName]| {
+        tables
+            .iter()
+            .map(|table| table.quoted())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match existing {
+        None => {
+            let all: Vec<&TableName> = tables.iter().collect();
+            let sql = if all.is_empty() {
+                format!("CREATE PUBLICATION {}", quote_identifier(publication))
+            } else {
+                format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_identifier(publication),
+                    table_list(&all)
+                )
+            };
+            client.batch_execute(&sql).await?;
+            Ok(true)
+        }
+        Some(row) if row.get::<_, bool>(0) => Ok(false),
+        Some(_) => {
+            let published: Vec<TableName> = client
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                    &[&publication],
+                )
+                .await?
+                .iter()
+                .map(|row| TableName { schema: row.get(0), name: row.get(1) })
+                .collect();
+            let missing: Vec<&TableName> = tables
+                .iter()
+                .filter(|table| !published.contains(table))
+                .collect();
+            if !missing.is_empty() {
+                let sql = format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote_identifier(publication),
+                    table_list(&missing)
+                );
+                client.batch_execute(&sql).await?;
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Drops the slot and the publication if they exist. Idempotent. Refuses (with
+/// [`ReplicationError::SlotActive`]) while a consumer is attached to the slot.
+pub async fn teardown(
+    client: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<(), ReplicationError> {
+    let existing = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    if let Some(row) = existing {
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return Err(ReplicationError::SlotActive {
+                slot: slot.to_owned(),
+                pid,
+            });
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await?;
+    }
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_identifier(publication)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// The slot's `confirmed_flush_lsn`, or `None` if there is no such slot (or it is physical).
+pub async fn slot_confirmed_flush_lsn(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<Lsn>, ReplicationError> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let Some(text) = row.and_then(|row| row.get::<_, Option<String>>(0)) else {
+        return Ok(None);
+    };
+    text.parse()
+        .map(Some)
+        .map_err(|_| ReplicationError::Protocol(format!("server returned unparsable LSN {text:?}")))
+}
+
+/// A reason the source cannot be replicated, with the fix in the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PreflightError {
+    /// Logical decoding is off.
+    #[error(
+        "wal_level is {current:?} but logical replication needs \"logical\": run ALTER SYSTEM SET wal_level = logical; then restart Postgres"
+    )]
+    WalLevel {
+        /// The current setting.
+        current: String,
+    },
+    /// The role may not open replication connections.
+    #[error("role {role:?} lacks the REPLICATION attribute: run ALTER ROLE {role_sql} REPLICATION; as a superuser", role_sql = quote_identifier(role))]
+    MissingReplicationRole {
+        /// The connected role.
+        role: String,
+    },
+    /// A configured table does not exist.
+    #[error(
+        "table {table} does not exist (or is not visible to this role): create it or fix the table name"
+    )]
+    TableMissing {
+        /// The table.
+        table: TableName,
+    },
+    /// Updates and deletes on the table would carry no key.
+    #[error("table {table} has no primary key and no replica identity, so updates and deletes cannot be replicated: add a primary key or run ALTER TABLE {quoted} REPLICA IDENTITY FULL;", quoted = table.quoted())]
+    NoReplicaIdentity {
+        /// The table.
+        table: TableName,
+    },
+    /// Replication is configured off entirely.
+    #[error(
+        "{setting} is 0, so no replication connection or slot is possible: run ALTER SYSTEM SET {setting} = 10; then restart Postgres"
+    )]
+    ReplicationDisabled {
+        /// `max_replication_slots` or `max_wal_senders`.
+        setting: &'static str,
+    },
+    /// Every walsender slot is busy.
+    #[error(
+        "all {max} max_wal_senders are in use: stop an idle replication client or raise max_wal_senders and restart Postgres"
+    )]
+    WalSendersExhausted {
+        /// The setting's value.
+        max: i64,
+    },
+    /// The checks themselves failed.
+    #[error("preflight query failed")]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+/// Checks that logical replication of `tables` can work with this server and role, and says
+/// how to fix it when not. Runs read-only catalog queries.
+pub async fn preflight(client: &Client, tables: &[TableName]) -> Result<(), PreflightError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), \
+                    current_setting('max_replication_slots')::int8, \
+                    current_setting('max_wal_senders')::int8, \
+                    (SELECT count(*) FROM pg_stat_replication), \
+                    current_user::text, \
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
+    if wal_level != "logical" {
+        return Err(PreflightError::WalLevel { current: wal_level });
+    }
+    let (max_slots, max_senders, senders): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
+    if max_slots == 0 {
+        return Err(PreflightError::ReplicationDisabled {
+            setting: "max_replication_slots",
+        });
+    }
+    if max_senders == 0 {
+        return Err(PreflightError::ReplicationDisabled {
+            setting: "max_wal_senders",
+        });
+    }
+    if senders >= max_senders {
+        return Err(PreflightError::WalSendersExhausted { max: max_senders });
+    }
+    if !row.get::<_, Option<bool>>(5).unwrap_or(false) {
+        return Err(PreflightError::MissingReplicationRole { role: row.get(4) });
+    }
+    for table in tables {
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&table.schema, &table.name],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Err(PreflightError::TableMissing {
+                table: table.clone(),
+            });
+        };
+        let identity: String = row.get(0);
+        let has_primary_key: bool = row.get(1);
+        // 'd' = default (the primary key), 'n' = nothing, 'f' = full row, 'i' = chosen index.
+        let identified = match identity.as_str() {
+            "d" => has_primary_key,
+            "n" => false,
+            _ => true,
+        };
+        if !identified {
+            return Err(PreflightError::NoReplicaIdentity {
+                table: table.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(schema: &str, name: &str) -> TableName {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn parses_plain_qualified_and_quoted_names() {
+        assert_eq!("docs".parse(), Ok(table("public", "docs")));
+        assert_eq!("Sales.Orders".parse(), Ok(table("sales", "orders")));
+        assert_eq!(
+            "\"My Schema\".\"Docs\"".parse(),
+            Ok(table("My Schema", "Docs"))
+        );
+        assert_eq!("\"a.b\"".parse(), Ok(table("public", "a.b")));
+        assert_eq!("s.\"say \"\"hi\"\"\"".parse(), Ok(table("s", "say \"hi\"")));
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a.b.c",
+            "\"open",
+            "\"a\"b",
+            "two words",
+            "a\"b",
+        ] {
+            assert!(bad.parse::<TableName>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn display_quotes_only_when_needed_and_round_trips() {
+        assert_eq!(table("public", "docs").to_string(), "public.docs");
+        assert_eq!(
+            table("My Schema", "Docs").to_string(),
+            "\"My Schema\".\"Docs\""
+        );
+        assert_eq!(table("s", "a.b").to_string(), "s.\"a.b\"");
+        assert_eq!(table("s", "1st").to_string(), "s.\"1st\"");
+        for name in [
+            table("My Schema", "Docs"),
+            table("s", "say \"hi\""),
+            table("public", "x_1"),
+        ] {
+            assert_eq!(name.to_string().parse(), Ok(name.clone()));
+        }
+        assert_eq!(table("s", "a\"b").quoted(), "\"s\".\"a\"\"b\"");
+    }
+}

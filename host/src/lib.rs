@@ -21,4 +21,5 @@ pub mod embed;
 pub mod event;
 pub mod lsn;
 pub mod point;
+pub mod runtime;
 pub mod sink;

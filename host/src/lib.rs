@@ -23,4 +23,5 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod point;
 pub mod replication;
+pub mod runtime;
 pub mod sink;

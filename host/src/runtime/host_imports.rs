@@ -1,0 +1,141 @@
+//! The `pgstream:handler/host` interface as the guest sees it, and the [`HostImports`] trait
+//! the pipeline implements to give it an embedder and a sink.
+//!
+//! The runtime knows neither embedders nor sinks: it converts the guest's WIT values into
+//! [`Point`]s and [`PointKey`]s and hands them to whatever `HostImports` the pipeline passed to
+//! [`Plugin::instantiate`](super::Plugin::instantiate). Failures of those calls go back to the
+//! guest as WIT `error` values (the guest decides whether to give up the batch); they never
+//! trap the guest.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::bindings::pgstream::handler::host::Host;
+use super::bindings::pgstream::handler::types;
+use super::bindings::pgstream::handler::types::{
+    Error as WitError, LogLevel, Point as WitPoint, PointKey as WitPointKey,
+};
+use super::limits::CallClock;
+use crate::point::{Point, PointKey};
+
+/// What a handler can do outside its sandbox. Implemented by the pipeline, which wires the
+/// embedder and the sink of one pipeline.
+///
+/// Each method is called while the guest's `handle` call is suspended waiting for it, in the
+/// order the guest makes the calls; calls of one instance never overlap. A handler may retry a
+/// batch after a failure, so `upsert`, `delete` and `delete_table` must be idempotent. An
+/// `Err(message)` is returned to the guest as a WIT `error` with that message.
+#[async_trait]
+pub trait HostImports: Send + Sync + 'static {
+    /// Embeds texts; returns one vector per text, in the same order.
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String>;
+    /// Inserts or replaces points.
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), String>;
+    /// Deletes points; missing keys are not an error.
+    async fn delete(&self, keys: Vec<PointKey>) -> Result<(), String>;
+    /// Deletes every point made from rows of `schema.table`.
+    async fn delete_table(&self, schema: String, table: String) -> Result<(), String>;
+}
+
+/// The part of a store's data the `host` interface works on.
+pub(crate) struct HostState {
+    imports: Arc<dyn HostImports>,
+    log_target: Arc<str>,
+    /// Told when an import starts and ends, so time awaiting the embedder or the sink does not
+    /// count against the guest's time limit.
+    clock: Arc<CallClock>,
+}
+
+impl HostState {
+    pub(crate) fn new(
+        imports: Arc<dyn HostImports>,
+        log_target: Arc<str>,
+        clock: Arc<CallClock>,
+    ) -> HostState {
+        HostState {
+            imports,
+            log_target,
+            clock,
+        }
+    }
+
+    /// Runs one host import with the guest's clock stopped.
+    async fn outside_guest_time<T>(&self, call: impl Future<Output = T>) -> T {
+        self.clock.enter_host();
+        let result = call.await;
+        self.clock.leave_host();
+        result
+    }
+}
+
+fn wit_error(message: String) -> WitError {
+    WitError { message }
+}
+
+fn point_key(key: WitPointKey) -> PointKey {
+    PointKey {
+        schema: key.schema,
+        table: key.table,
+        key: key.key,
+    }
+}
+
+/// The `types` interface has no functions; the linker still asks for its (empty) trait.
+impl types::Host for HostState {}
+
+impl Host for HostState {
+    async fn embed(&mut self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WitError> {
+        let count = texts.len();
+        let result = self.outside_guest_time(self.imports.embed(texts)).await;
+        match result {
+            Ok(vectors) if vectors.len() == count => Ok(vectors),
+            // A guest indexes the result by position; a short answer would misalign every
+            // vector after the gap, so it is reported instead of passed on.
+            Ok(vectors) => Err(wit_error(format!(
+                "embedder returned {} vectors for {count} texts",
+                vectors.len()
+            ))),
+            Err(message) => Err(wit_error(message)),
+        }
+    }
+
+    async fn upsert(&mut self, points: Vec<WitPoint>) -> Result<(), WitError> {
+        let points = points
+            .into_iter()
+            .map(|point| Point {
+                key: point_key(point.key),
+                vector: point.vector,
+                payload: point.payload,
+            })
+            .collect();
+        let result = self.outside_guest_time(self.imports.upsert(points)).await;
+        result.map_err(wit_error)
+    }
+
+    async fn delete(&mut self, keys: Vec<WitPointKey>) -> Result<(), WitError> {
+        let keys = keys.into_iter().map(point_key).collect();
+        let result = self.outside_guest_time(self.imports.delete(keys)).await;
+        result.map_err(wit_error)
+    }
+
+    async fn delete_table(&mut self, schema: String, table: String) -> Result<(), WitError> {
+        let result = self
+            .outside_guest_time(self.imports.delete_table(schema, table))
+            .await;
+        result.map_err(wit_error)
+    }
+
+    async fn log(&mut self, level: LogLevel, message: String) {
+        let plugin = &*self.log_target;
+        // `tracing` needs the level as a constant, hence one macro call per level.
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "pgstream::plugin", plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "pgstream::plugin", plugin, "{message}"),
+            LogLevel::Info => tracing::info!(target: "pgstream::plugin", plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "pgstream::plugin", plugin, "{message}"),
+            LogLevel::Error => tracing::error!(target: "pgstream::plugin", plugin, "{message}"),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! A loaded plugin ([`Plugin`]) and the store every instance of it lives in.
+//!
+//! A `Plugin` is a compiled component already linked against the host's imports (WASI p2 and
+//! `pgstream:handler/host`); instantiating it only builds a store and runs the component's
+//! start code. Each instance gets its own store: its own memory limit, its own WASI context
+//! (no preopened directories, no environment variables, no arguments, no network, stdout and
+//! stderr into the host log) and its own clock for the time limit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{ComponentExportIndex, InstancePre, ResourceTable};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::engine::EngineShared;
+use super::error::RuntimeError;
+use super::event_records::{HandleParams, HandleResults};
+use super::guest_output::{GuestOutput, StreamKind};
+use super::host_imports::{HostImports, HostState};
+use super::instance::HandlerInstance;
+use super::limits::{CallClock, GuestLimiter, Limits};
+
+/// A compiled handler component, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+struct PluginInner {
+    /// Keeps the engine and its epoch ticker alive as long as any plugin is.
+    engine: Arc<EngineShared>,
+    path: PathBuf,
+    instance_pre: InstancePre<StoreState>,
+    handle_export: ComponentExportIndex,
+}
+
+/// The guest's time limit ran out; the error the epoch callback traps the guest with.
+#[derive(Debug, thiserror::Error)]
+#[error("handler exceeded its time limit of {0:?}")]
+pub(crate) struct DeadlineExceeded(pub(crate) Duration);
+
+/// Everything a store holds for one instance.
+pub(crate) struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) host: HostState,
+    pub(crate) limiter: GuestLimiter,
+    pub(crate) clock: Arc<CallClock>,
+    pub(crate) call_timeout: Duration,
+    /// Set by the epoch callback when it stops the guest for running out of time.
+    pub(crate) timed_out: bool,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl Plugin {
+    pub(crate) fn new(
+        engine: Arc<EngineShared>,
+        path: PathBuf,
+        instance_pre: InstancePre<StoreState>,
+        handle_export: ComponentExportIndex,
+    ) -> Plugin {
+        Plugin {
+            inner: Arc::new(PluginInner {
+                engine,
+                path,
+                instance_pre,
+                handle_export,
+            }),
+        }
+    }
+
+    /// The file the plugin was loaded from.
+    pub fn path(&self) -> &std::path::Path {
+        &self.inner.path
+    }
+
+    /// Creates a fresh instance: a new store with `limits`, whose host imports go to
+    /// `imports` and whose log lines (the `log` import, stdout, stderr) carry `log_target`
+    /// (by convention `pipeline/plugin`) in their `plugin` field.
+    pub async fn instantiate(
+        &self,
+        imports: Arc<dyn HostImports>,
+        limits: Limits,
+        log_target: &str,
+    ) -> Result<HandlerInstance, RuntimeError> {
+        let log_target: Arc<str> = Arc::from(log_target);
+        let stdout = GuestOutput::new(StreamKind::Stdout, log_target.clone());
+        let stderr = GuestOutput::new(StreamKind::Stderr, log_target.clone());
+        // `WasiCtxBuilder` starts with no preopens, no environment and no arguments; sockets
+        // are switched off explicitly rather than relying on the address check alone.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout)
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let clock = Arc::new(CallClock::new());
+        let state = StoreState {
+            wasi,
+            table: ResourceTable::new(),
+            host: HostState::new(imports, log_target.clone(), clock.clone()),
+            limiter: GuestLimiter::new(limits.memory_bytes),
+            clock: clock.clone(),
+            call_timeout: limits.call_timeout,
+            timed_out: false,
+        };
+        let mut store = Store::new(&self.inner.engine.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(|mut context| {
+            let state = context.data_mut();
+            if state.clock.guest_elapsed() >= state.call_timeout {
+                state.timed_out = true;
+                return Err(DeadlineExceeded(state.call_timeout).into());
+            }
+            // Yielding at every tick lets other pipelines' tasks run on this worker thread
+            // while a guest computes.
+            Ok(UpdateDeadline::Yield(1))
+        });
+
+        let instantiate_error = |e: wasmtime::Error| RuntimeError::Instantiate {
+            log_target: log_target.to_string(),
+            source: e.into(),
+        };
+        clock.start_call();
+        store.set_epoch_deadline(1);
+        let instance = self
+            .inner
+            .instance_pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(instantiate_error)?;
+
+        let mismatch = |e: wasmtime::Error| RuntimeError::WorldMismatch {
+            path: self.inner.path.clone(),
+            source: e.into(),
+        };
+        let handle = instance
+            .get_func(&mut store, self.inner.handle_export)
+            .ok_or_else(|| mismatch(wasmtime::format_err!("no `handle` export")))?;
+        // Checks, once, that `handle` has exactly the WIT type the borrowed records lower to.
+        handle
+            .typed::<HandleParams<'_>, HandleResults>(&store)
+            .map_err(mismatch)?;
+        Ok(HandlerInstance::new(
+            store, handle, stderr, clock, limits, log_target,
+        ))
+    }
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}

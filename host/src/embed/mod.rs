@@ -2,26 +2,44 @@
 //! trait, so a deployment can pick the in-process model or (later) a remote model server per
 //! pipeline without the plugin runtime or the sinks knowing which.
 
+pub mod minilm;
+
+use std::path::PathBuf;
+
 use async_trait::async_trait;
+
+pub use minilm::{MiniLmEmbedder, MiniLmOptions, default_model_dir};
+
+/// An error from a model runtime or tokenizer, kept as the `source` of an [`EmbedError`] so
+/// this module does not tie its public API to one inference library.
+pub type ModelError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why an embedding call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     /// The model files could not be read or understood.
-    #[error("cannot load the embedding model from {path}: {reason}")]
+    #[error("cannot load the embedding model from {}", path.display())]
     Load {
         /// The model folder or file.
-        path: String,
+        path: PathBuf,
         /// What was wrong with it.
-        reason: String,
+        #[source]
+        source: ModelError,
     },
+    /// A text could not be turned into model input.
+    #[error("cannot tokenize the texts to embed")]
+    Tokenize(#[source] ModelError),
     /// The model failed while computing embeddings.
-    #[error("embedding failed: {0}")]
-    Inference(String),
+    #[error("embedding failed")]
+    Inference(#[source] ModelError),
+    /// The worker thread that ran the model panicked or was cancelled.
+    #[error("the embedding worker stopped before finishing")]
+    Worker(#[source] tokio::task::JoinError),
 }
 
 impl EmbedError {
-    /// Whether trying the same call again may succeed.
+    /// Whether trying the same call again may succeed. An in-process model is deterministic, so
+    /// none of its failures go away by themselves.
     pub fn is_retryable(&self) -> bool {
         false
     }

@@ -259,11 +259,11 @@ async fn an_own_server_survives_a_crash_and_is_removed_on_drop() {
         .expect("the postmaster exits");
 }
 
-/// Set for the child process of [`a_killed_test_binary_leaves_no_server_behind`].
+/// Set for the child process of [`a_killed_test_binary_leaves_no_process_behind`].
 const WATCHDOG_CHILD_VAR: &str = "PGSTREAM_E2E_WATCHDOG_CHILD";
 
 #[tokio::test]
-async fn a_killed_test_binary_leaves_no_server_behind() {
+async fn a_killed_test_binary_leaves_no_process_behind() {
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -277,31 +277,35 @@ async fn a_killed_test_binary_leaves_no_server_behind() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut started = None;
+    let mut server = None;
+    let mut host = None;
     while let Some(line) = lines.next_line().await.unwrap() {
         if let Some(rest) = line.strip_prefix("SERVER ") {
             let (pid, folder) = rest.split_once(' ').unwrap();
-            started = Some((
+            server = Some((
                 pid.parse::<u32>().unwrap(),
                 std::path::PathBuf::from(folder),
             ));
+        } else if let Some(pid) = line.strip_prefix("HOST ") {
+            host = Some(pid.parse::<u32>().unwrap());
         }
     }
     let status = child.wait().await.unwrap();
     assert!(!status.success(), "the child aborted");
-    let (pid, folder) = started.expect("the child started a server");
+    let (postmaster, folder) = server.expect("the child started a server");
+    let host = host.expect("the child started a host process");
 
     wait_until(Duration::from_secs(20), || async {
-        !process_exists(pid) && !folder.exists()
+        !process_exists(postmaster) && !folder.exists() && !process_exists(host)
     })
     .await
-    .expect("the watchdog stops the postmaster and removes its folder");
+    .expect("the watchdogs stop the postmaster, remove its folder and kill the host");
 }
 
-/// Run only by [`a_killed_test_binary_leaves_no_server_behind`], in a child process: starts a
-/// server, reports it and dies without running any destructor.
+/// Run only by [`a_killed_test_binary_leaves_no_process_behind`], in a child process: starts a
+/// server and a long-running process, reports them and dies without running any destructor.
 #[tokio::test]
-#[ignore = "a helper run in a child process by a_killed_test_binary_leaves_no_server_behind"]
+#[ignore = "a helper run in a child process by a_killed_test_binary_leaves_no_process_behind"]
 async fn start_a_server_and_abort() {
     if std::env::var_os(WATCHDOG_CHILD_VAR).is_none() {
         return;
@@ -309,6 +313,10 @@ async fn start_a_server_and_abort() {
     let server = PgServer::shared(PgVersion::Pg15);
     let pid = server.postmaster_pid().unwrap();
     println!("SERVER {pid} {}", server.folder().display());
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command.args(["-c", "exec sleep 600"]);
+    let process = HostProcess::spawn(command).unwrap();
+    println!("HOST {}", process.pid());
     std::process::abort();
 }
 

@@ -3,7 +3,7 @@
 //! Its stdout and stderr go, interleaved as written, to one log file in a temporary folder, so a
 //! test can wait for a line to appear, and a failing test shows what the host said. A test can
 //! stop it politely (SIGTERM, SIGINT) or kill it outright (SIGKILL) to check what survives a
-//! crash.
+//! crash. Should the test binary die first, a [`Watchdog`] kills the host.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::artifacts::host_binary;
+use crate::watchdog::{KILL_PROCESS, Watchdog};
 
 /// How much of the end of the host log a failing test prints.
 const LOG_TAIL_BYTES: usize = 64 * 1024;
@@ -29,6 +30,8 @@ pub struct HostProcess {
     pid: u32,
     folder: TempDir,
     status: Option<ExitStatus>,
+    /// Disarmed as soon as the process has been reaped.
+    watchdog: Option<Watchdog>,
 }
 
 impl HostProcess {
@@ -73,11 +76,13 @@ impl HostProcess {
             .spawn()
             .with_context(|| format!("starting {:?}", command.as_std().get_program()))?;
         let pid = child.id().context("a just-started child has a pid")?;
+        let watchdog = Watchdog::spawn(KILL_PROCESS, &[pid.to_string().as_ref()])?;
         Ok(HostProcess {
             child,
             pid,
             folder,
             status: None,
+            watchdog: Some(watchdog),
         })
     }
 
@@ -121,10 +126,20 @@ impl HostProcess {
 
     /// The exit status if the host has exited, without waiting.
     pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().context("polling the host")?;
+        if self.status.is_none()
+            && let Some(status) = self.child.try_wait().context("polling the host")?
+        {
+            self.exited(status);
         }
         Ok(self.status)
+    }
+
+    /// Records that the process was reaped; its pid may be reused from now on.
+    fn exited(&mut self, status: ExitStatus) {
+        self.status = Some(status);
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.disarm();
+        }
     }
 
     /// Waits for the host to exit by itself, failing after `timeout` (the host keeps running
@@ -136,7 +151,7 @@ impl HostProcess {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(status) => {
                 let status = status.context("waiting for the host")?;
-                self.status = Some(status);
+                self.exited(status);
                 Ok(status)
             }
             Err(_) => bail!(
@@ -197,9 +212,12 @@ impl Drop for HostProcess {
             );
         }
         if self.status.is_none() {
-            // kill_on_drop sends SIGKILL too; doing it here makes sure it happened before
-            // the log folder goes away.
+            // kill_on_drop would send SIGKILL too, but only after this body: the signal must be
+            // on its way before the watchdog is disarmed.
             let _ = self.child.start_kill();
+        }
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.disarm();
         }
     }
 }

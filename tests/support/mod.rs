@@ -15,6 +15,7 @@ mod host_process;
 mod installation;
 mod postgres;
 mod wait;
+mod watchdog;
 
 pub use artifacts::{
     MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, host_binary, model_dir, plugin_dir,

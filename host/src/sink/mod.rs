@@ -9,13 +9,13 @@ use async_trait::async_trait;
 use crate::point::{Point, PointKey};
 
 pub use jsonl::JsonLinesSink;
-pub use pgvector::PgVectorSink;
+pub use pgvector::{PgVectorSink, SearchHit};
 
 /// Why a sink operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The store could not be reached or dropped the connection.
-    #[error("vector store unavailable: {0}")]
+    #[error("vector store unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store refused the request; repeating it will not help.
     #[error("vector store rejected the write: {0}")]

@@ -136,6 +136,52 @@ impl PgVectorSink {
     }
 }
 
+/// One result of [`PgVectorSink::search`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchHit {
+    /// Cosine similarity to the query, 1 for the same direction.
+    pub similarity: f64,
+    /// The point's key.
+    pub key: PointKey,
+    /// The point's payload.
+    pub payload: serde_json::Value,
+}
+
+impl PgVectorSink {
+    /// The `limit` points nearest to `vector` by cosine distance (served by the HNSW index).
+    pub async fn search(
+        client: &tokio_postgres::Client,
+        schema: &str,
+        table: &str,
+        vector: Vec<f32>,
+        limit: i64,
+    ) -> Result<Vec<SearchHit>, SinkError> {
+        let statement = format!(
+            "SELECT source_schema, source_table, source_key, payload,
+                    1 - (embedding <=> $1) AS similarity
+             FROM {}.{} ORDER BY embedding <=> $1 LIMIT $2",
+            escape_identifier(schema),
+            escape_identifier(table)
+        );
+        let rows = client
+            .query(&statement, &[&Vector::from(vector), &limit])
+            .await
+            .map_err(classify)?;
+        Ok(rows
+            .iter()
+            .map(|row| SearchHit {
+                similarity: row.get(4),
+                key: PointKey {
+                    schema: row.get(0),
+                    table: row.get(1),
+                    key: row.get(2),
+                },
+                payload: row.get(3),
+            })
+            .collect())
+    }
+}
+
 /// The text columns of a batch of points, as arrays for `unnest`.
 struct PointColumns<'a> {
     schemas: Vec<&'a str>,

@@ -1,0 +1,486 @@
+//! A pipeline: one replication slot, one handler plugin, one embedder and one sink, wired
+//! together and run as a task.
+//!
+//! A pipeline is a value built from its [`PipelineConfig`] and the shared parts a process owns
+//! (the [`PluginEngine`](crate::runtime::PluginEngine), an embedder, a sink); it keeps no global
+//! state, so one process can run many of them side by side.
+//!
+//! The loop: replication chunks -> [`pgoutput`](crate::pgoutput) messages -> [`BatchBuilder`]
+//! turns them into [`ChangeEvent`]s and tracks which commits a batch completes -> the handler
+//! is called with the batch (retried on a fresh instance if it fails) -> the LSN of the last
+//! completed commit is confirmed to Postgres. Nothing is confirmed before the handler call that
+//! covered it returned `ok`, so a crash replays and never skips.
+
+mod batch;
+mod imports;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::time::sleep;
+use tracing::{info, warn};
+
+use crate::embed::Embedder;
+use crate::event::ChangeEvent;
+use crate::lsn::Lsn;
+use crate::replication::{
+    self, ReplicationError, ReplicationStream, SourceConfig, StreamOptions, TableName, WalMessage,
+};
+use crate::runtime::{HandleError, HandlerInstance, Limits, Plugin, PluginEngine, RuntimeError};
+use crate::sink::{Sink, SinkError};
+
+pub use batch::{BatchBuilder, BatchError, Step};
+pub use imports::PipelineImports;
+
+/// How events are grouped into handler calls.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// A handler call gets at most this many events.
+    pub max_events: usize,
+    /// A non-empty batch waits at most this long for more events.
+    pub max_wait: Duration,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            max_events: 1000,
+            max_wait: Duration::from_millis(200),
+        }
+    }
+}
+
+/// How a failed handler call is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries per batch, the first included. After the last one the pipeline stops.
+    pub max_attempts: u32,
+    /// Wait before the second try; doubled after each failure.
+    pub initial_backoff: Duration,
+    /// Upper bound on the wait.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self, failed_attempts: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failed_attempts.saturating_sub(1));
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+}
+
+/// Everything that defines one pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Pipeline name, used in logs and to name the slot and publication by default.
+    pub name: String,
+    /// The source database.
+    pub source: SourceConfig,
+    /// The watched tables.
+    pub tables: Vec<TableName>,
+    /// Replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// The handler component.
+    pub plugin: PathBuf,
+    /// Limits on each handler call.
+    pub limits: Limits,
+    /// Batching.
+    pub batch: BatchOptions,
+    /// Retries of failed handler calls.
+    pub retry: RetryPolicy,
+    /// Stop once every commit up to this WAL position is handled and confirmed.
+    pub stop_at: Option<Lsn>,
+    /// Replication stream settings.
+    pub stream: StreamOptions,
+    /// How often a progress line is logged.
+    pub progress_interval: Duration,
+}
+
+/// Why a pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Talking to the source database failed in a way retrying will not fix.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// The source failed a preflight check.
+    #[error(transparent)]
+    Preflight(#[from] replication::PreflightError),
+    /// The plugin could not be loaded or instantiated.
+    #[error("plugin {path}: {source}")]
+    Plugin {
+        /// The plugin file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: RuntimeError,
+    },
+    /// The sink could not be prepared.
+    #[error("sink: {0}")]
+    Sink(#[from] SinkError),
+    /// The WAL stream held something the pipeline cannot turn into events.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    /// The handler failed on a batch every time it was tried; nothing from that batch on was
+    /// confirmed to Postgres, so fixing the handler and restarting resumes there.
+    #[error(
+        "the handler failed {attempts} times on the batch of {events} events with commit LSNs \
+         {first_lsn}..{last_lsn}; nothing at or after {first_lsn} was confirmed. Last error: {error}"
+    )]
+    HandlerFailed {
+        /// Tries made.
+        attempts: u32,
+        /// Events in the batch.
+        events: usize,
+        /// Commit LSN of the batch's first event.
+        first_lsn: Lsn,
+        /// Commit LSN of the batch's last event.
+        last_lsn: Lsn,
+        /// The last failure.
+        #[source]
+        error: HandleError,
+    },
+}
+
+/// What a pipeline did, reported when it stops.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Events handed to the handler successfully.
+    pub events: u64,
+    /// Successful handler calls.
+    pub batches: u64,
+    /// Last WAL position confirmed to Postgres.
+    pub confirmed: Lsn,
+    /// Times the replication connection was re-established.
+    pub reconnects: u64,
+}
+
+/// A runnable pipeline.
+pub struct Pipeline {
+    config: PipelineConfig,
+    plugin: Plugin,
+    imports: Arc<PipelineImports>,
+    sink: Arc<dyn Sink>,
+    dimensions: usize,
+}
+
+impl Pipeline {
+    /// Loads the plugin (compiling it or taking it from the engine's cache) and wires the
+    /// embedder and sink. Nothing touches the database until [`Pipeline::run`].
+    pub fn new(
+        config: PipelineConfig,
+        engine: &PluginEngine,
+        embedder: Arc<dyn Embedder>,
+        sink: Arc<dyn Sink>,
+    ) -> Result<Pipeline, PipelineError> {
+        let plugin = engine
+            .load(&config.plugin)
+            .map_err(|source| PipelineError::Plugin {
+                path: config.plugin.clone(),
+                source,
+            })?;
+        let dimensions = embedder.dimensions();
+        let imports = Arc::new(PipelineImports::new(embedder, sink.clone()));
+        Ok(Pipeline {
+            config,
+            plugin,
+            imports,
+            sink,
+            dimensions,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, `stop_at` is reached, or an error that retrying cannot
+    /// fix. On shutdown the batch in flight is finished and confirmed before returning.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<RunSummary, PipelineError> {
+        let config = &self.config;
+        let client = config.source.connect_sql().await?;
+        replication::preflight(&client, &config.tables).await?;
+        let report =
+            replication::setup(&client, &config.slot, &config.publication, &config.tables).await?;
+        if report.slot_created {
+            info!(pipeline = %config.name, slot = %config.slot, "created replication slot");
+        }
+        for table in &report.tables_with_rows {
+            warn!(
+                pipeline = %config.name,
+                "table {table} already has rows; rows that existed before the slot was created \
+                 are not delivered (backfill is not supported yet), only changes from now on"
+            );
+        }
+        let mut start = replication::slot_confirmed_flush_lsn(&client, &config.slot)
+            .await?
+            .unwrap_or(Lsn::ZERO);
+        drop(client);
+        self.sink.prepare(self.dimensions).await?;
+
+        let mut summary = RunSummary {
+            confirmed: start,
+            ..RunSummary::default()
+        };
+        if config.stop_at.is_some_and(|stop| start >= stop) {
+            info!(pipeline = %config.name, confirmed = %start, "already at --stop-at-lsn");
+            return Ok(summary);
+        }
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut handler: Option<HandlerInstance> = None;
+        let mut connect_failures = 0u32;
+        loop {
+            let stream = match ReplicationStream::start(
+                &config.source,
+                &config.slot,
+                &config.publication,
+                start,
+                config.stream.clone(),
+            )
+            .await
+            {
+                Ok(stream) => stream,
+                Err(error) if error.is_retryable() && connect_failures < 10 => {
+                    connect_failures += 1;
+                    let wait = config.retry.backoff(connect_failures);
+                    warn!(pipeline = %config.name, %error, ?wait, "cannot start replication, retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(summary),
+                        _ = sleep(wait) => continue,
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            };
+            connect_failures = 0;
+            info!(pipeline = %config.name, slot = %config.slot, from = %start, "streaming");
+            match self
+                .stream(stream, &mut handler, &mut summary, &mut shutdown)
+                .await?
+            {
+                StreamEnd::Finished => return Ok(summary),
+                StreamEnd::Lost(error) => {
+                    summary.reconnects += 1;
+                    start = summary.confirmed;
+                    warn!(
+                        pipeline = %config.name, %error, resume_from = %start,
+                        "replication connection lost; reconnecting and replaying unconfirmed changes"
+                    );
+                    let wait = config.retry.backoff(1);
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(summary),
+                        _ = sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drives one replication session. Returns `Lost` when the connection failed in a way a
+    /// reconnect can fix; the caller then replays from the last confirmed position.
+    async fn stream(
+        &self,
+        mut stream: ReplicationStream,
+        handler: &mut Option<HandlerInstance>,
+        summary: &mut RunSummary,
+        shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+    ) -> Result<StreamEnd, PipelineError> {
+        let config = &self.config;
+        let mut builder = BatchBuilder::new(config.batch.max_events);
+        let mut batch_started: Option<Instant> = None;
+        let mut progress = Progress::new(config.progress_interval);
+        loop {
+            let wait = match batch_started {
+                Some(started) => config.batch.max_wait.saturating_sub(started.elapsed()),
+                None => Duration::from_secs(3600),
+            };
+            let chunk = tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => {
+                    self.flush(&mut builder, handler, &stream, summary).await?;
+                    info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
+                    stream.shutdown().await.ok();
+                    return Ok(StreamEnd::Finished);
+                }
+                _ = sleep(wait), if batch_started.is_some() => {
+                    self.flush(&mut builder, handler, &stream, summary).await?;
+                    batch_started = None;
+                    continue;
+                }
+                chunk = stream.recv() => chunk,
+            };
+            let messages = match chunk {
+                Some(Ok(messages)) => messages,
+                Some(Err(error)) if error.is_retryable() => return Ok(StreamEnd::Lost(error)),
+                Some(Err(error)) => return Err(error.into()),
+                None => {
+                    return Ok(StreamEnd::Lost(ReplicationError::Closed {
+                        target: config.source.display(),
+                    }));
+                }
+            };
+            for message in messages {
+                let step = match message {
+                    WalMessage::XLogData { data, .. } => builder.push(data)?,
+                    WalMessage::KeepAlive { wal_end } => builder.keepalive(wal_end),
+                };
+                match step {
+                    Step::Continue => {}
+                    Step::Confirm(lsn) => confirm(&stream, summary, lsn),
+                    Step::BatchFull => {
+                        self.flush(&mut builder, handler, &stream, summary).await?;
+                        batch_started = None;
+                    }
+                }
+                if batch_started.is_none() && !builder.is_empty() {
+                    batch_started = Some(Instant::now());
+                }
+                if let Some(stop) = config.stop_at
+                    && builder.reached(stop)
+                {
+                    self.flush(&mut builder, handler, &stream, summary).await?;
+                    if summary.confirmed >= stop {
+                        info!(pipeline = %config.name, confirmed = %summary.confirmed, "reached --stop-at-lsn");
+                        stream.shutdown().await.ok();
+                        return Ok(StreamEnd::Finished);
+                    }
+                }
+            }
+            progress.tick(&config.name, summary);
+        }
+    }
+
+    /// Hands the pending events to the handler and confirms what they complete.
+    async fn flush(
+        &self,
+        builder: &mut BatchBuilder,
+        handler: &mut Option<HandlerInstance>,
+        stream: &ReplicationStream,
+        summary: &mut RunSummary,
+    ) -> Result<(), PipelineError> {
+        let (events, completes) = builder.take();
+        if !events.is_empty() {
+            self.handle_with_retry(handler, &events).await?;
+            summary.events += events.len() as u64;
+            summary.batches += 1;
+        }
+        if let Some(lsn) = completes {
+            confirm(stream, summary, lsn);
+        }
+        builder.recycle(events);
+        Ok(())
+    }
+
+    async fn handle_with_retry(
+        &self,
+        handler: &mut Option<HandlerInstance>,
+        events: &[ChangeEvent],
+    ) -> Result<(), PipelineError> {
+        let config = &self.config;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let instance = match handler {
+                Some(instance) => instance,
+                None => handler.insert(
+                    self.plugin
+                        .instantiate(self.imports.clone(), config.limits, &self.log_target())
+                        .await
+                        .map_err(|source| PipelineError::Plugin {
+                            path: config.plugin.clone(),
+                            source,
+                        })?,
+                ),
+            };
+            let error = match instance.handle(events).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            // A failed instance may hold half-updated guest state (or be poisoned by a trap):
+            // the retry always starts from a fresh one.
+            *handler = None;
+            let first_lsn = events.first().map_or(Lsn::ZERO, |event| event.lsn);
+            let last_lsn = events.last().map_or(Lsn::ZERO, |event| event.lsn);
+            if attempt >= config.retry.max_attempts {
+                return Err(PipelineError::HandlerFailed {
+                    attempts: attempt,
+                    events: events.len(),
+                    first_lsn,
+                    last_lsn,
+                    error,
+                });
+            }
+            let wait = config.retry.backoff(attempt);
+            warn!(
+                pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
+                %first_lsn, %error, ?wait, "handler failed; retrying the batch on a fresh instance"
+            );
+            sleep(wait).await;
+        }
+    }
+
+    fn log_target(&self) -> String {
+        let plugin = self
+            .config
+            .plugin
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{}/{}", self.config.name, plugin)
+    }
+}
+
+fn confirm(stream: &ReplicationStream, summary: &mut RunSummary, lsn: Lsn) {
+    if lsn > summary.confirmed {
+        stream.confirm(lsn);
+        summary.confirmed = lsn;
+    }
+}
+
+enum StreamEnd {
+    Finished,
+    Lost(ReplicationError),
+}
+
+/// Logs a progress line at most every `interval`.
+struct Progress {
+    interval: Duration,
+    last: Instant,
+    last_events: u64,
+}
+
+impl Progress {
+    fn new(interval: Duration) -> Progress {
+        Progress {
+            interval,
+            last: Instant::now(),
+            last_events: 0,
+        }
+    }
+
+    fn tick(&mut self, name: &str, summary: &RunSummary) {
+        let elapsed = self.last.elapsed();
+        if elapsed < self.interval {
+            return;
+        }
+        let rate = (summary.events - self.last_events) as f64 / elapsed.as_secs_f64();
+        info!(
+            pipeline = %name, events = summary.events, events_per_sec = rate.round(),
+            confirmed = %summary.confirmed, "progress"
+        );
+        self.last = Instant::now();
+        self.last_events = summary.events;
+    }
+}

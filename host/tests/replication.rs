@@ -623,9 +623,20 @@ async fn setup_is_idempotent_and_teardown_refuses_an_active_slot() -> Result<()>
         .get(0);
     assert_eq!(published, 3);
 
-    let stream =
-        ReplicationStream::start(&source, "idem_slot", "idem_pub", Lsn::ZERO, fast_status())
+    // The replication connection also works over the Unix socket.
+    let socket = SourceConfig::from_dsn(&format!(
+        "host={} port={} user=postgres dbname={db}",
+        path_str(&pg.root),
+        pg.port
+    ))?;
+    let mut stream =
+        ReplicationStream::start(&socket, "idem_slot", "idem_pub", Lsn::ZERO, fast_status())
             .await?;
+    receive_until(&mut stream, Duration::from_secs(10), |seen| {
+        seen.iter()
+            .any(|m| matches!(m, WalMessage::KeepAlive { .. }))
+    })
+    .await?;
     match teardown(&client, "idem_slot", "idem_pub").await {
         Err(error @ ReplicationError::SlotActive { .. }) => {
             assert!(

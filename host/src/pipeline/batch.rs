@@ -23,6 +23,9 @@ use crate::pgoutput::{
 /// into bounded batches here.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// `pg_class.relreplident` of a REPLICA IDENTITY FULL table, as the Relation message sends it.
+const REPLICA_IDENTITY_FULL: u8 = b'f';
+
 /// What the caller should do after feeding a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -74,6 +77,10 @@ struct OpenTransaction {
 /// Builds batches of events from pgoutput frames.
 pub struct BatchBuilder {
     decoder: Decoder,
+    /// Primary key columns of the watched tables, by (schema, table). Postgres flags every
+    /// column as key for REPLICA IDENTITY FULL tables; handlers need the real key to address
+    /// points, so it comes from here for those.
+    primary_keys: HashMap<(String, String), Vec<String>>,
     relations: HashMap<u32, Arc<Relation>>,
     max_events: usize,
     events: Vec<ChangeEvent>,
@@ -86,10 +93,15 @@ pub struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    /// A builder cutting batches at `max_events`.
-    pub fn new(max_events: usize) -> BatchBuilder {
+    /// A builder cutting batches at `max_events`, with the primary keys of the watched tables
+    /// (see [`primary_keys`](crate::pipeline::primary_keys)).
+    pub fn new(
+        max_events: usize,
+        primary_keys: HashMap<(String, String), Vec<String>>,
+    ) -> BatchBuilder {
         BatchBuilder {
             decoder: Decoder::new(PROTOCOL_VERSION),
+            primary_keys,
             relations: HashMap::new(),
             max_events: max_events.max(1),
             events: Vec::with_capacity(max_events.max(1)),
@@ -158,11 +170,20 @@ impl BatchBuilder {
                 }
             }
             LogicalMessage::Relation(body) => {
+                let primary_key = (body.replica_identity == REPLICA_IDENTITY_FULL)
+                    .then(|| {
+                        self.primary_keys
+                            .get(&(body.namespace.clone(), body.name.clone()))
+                    })
+                    .flatten();
                 let columns = body
                     .columns
                     .into_iter()
                     .map(|column| Column {
-                        is_key: column.flags & 1 == 1,
+                        is_key: match primary_key {
+                            Some(key) => key.contains(&column.name),
+                            None => column.is_key(),
+                        },
                         name: column.name,
                         type_oid: column.type_oid,
                     })
@@ -346,7 +367,7 @@ mod tests {
 
     #[test]
     fn a_committed_transaction_becomes_events_and_completes_its_end_lsn() {
-        let mut builder = BatchBuilder::new(100);
+        let mut builder = BatchBuilder::new(100, HashMap::new());
         let steps = feed(
             &mut builder,
             &[
@@ -376,7 +397,7 @@ mod tests {
 
     #[test]
     fn keepalives_confirm_only_when_nothing_is_pending() {
-        let mut builder = BatchBuilder::new(100);
+        let mut builder = BatchBuilder::new(100, HashMap::new());
         assert_eq!(builder.keepalive(Lsn(0x50)), Step::Confirm(Lsn(0x50)));
         feed(&mut builder, &[relation(REL), begin(1, 0x100)]);
         assert_eq!(builder.keepalive(Lsn(0x90)), Step::Continue);
@@ -395,7 +416,7 @@ mod tests {
 
     #[test]
     fn a_large_transaction_is_cut_and_confirmed_only_by_its_commit() {
-        let mut builder = BatchBuilder::new(2);
+        let mut builder = BatchBuilder::new(2, HashMap::new());
         feed(&mut builder, &[relation(REL), begin(1, 0x100)]);
         assert_eq!(
             builder.push(insert("1", text("a"))).unwrap(),
@@ -427,7 +448,7 @@ mod tests {
 
     #[test]
     fn updates_deletes_and_truncates_keep_old_rows_and_unchanged_values() {
-        let mut builder = BatchBuilder::new(100);
+        let mut builder = BatchBuilder::new(100, HashMap::new());
         let update = frame(LogicalMessage::Update(UpdateBody {
             xid: None,
             rel_id: REL,
@@ -478,7 +499,7 @@ mod tests {
 
     #[test]
     fn malformed_streams_are_typed_errors() {
-        let mut builder = BatchBuilder::new(100);
+        let mut builder = BatchBuilder::new(100, HashMap::new());
         assert!(matches!(
             builder.push(insert("1", text("a"))),
             Err(BatchError::OutsideTransaction(_))

@@ -14,6 +14,7 @@
 mod batch;
 mod imports;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -121,7 +122,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Preflight(#[from] replication::PreflightError),
     /// The plugin could not be loaded or instantiated.
-    #[error("plugin {path}: {source}")]
+    #[error("plugin {}", path.display())]
     Plugin {
         /// The plugin file.
         path: PathBuf,
@@ -130,7 +131,7 @@ pub enum PipelineError {
         source: RuntimeError,
     },
     /// The sink could not be prepared.
-    #[error("sink: {0}")]
+    #[error("cannot prepare the sink")]
     Sink(#[from] SinkError),
     /// The WAL stream held something the pipeline cannot turn into events.
     #[error(transparent)]
@@ -139,7 +140,7 @@ pub enum PipelineError {
     /// confirmed to Postgres, so fixing the handler and restarting resumes there.
     #[error(
         "the handler failed {attempts} times on the batch of {events} events with commit LSNs \
-         {first_lsn}..{last_lsn}; nothing at or after {first_lsn} was confirmed. Last error: {error}"
+         {first_lsn}..{last_lsn}; nothing at or after {first_lsn} was confirmed; last error"
     )]
     HandlerFailed {
         /// Tries made.
@@ -225,6 +226,7 @@ impl Pipeline {
                  are not delivered (backfill is not supported yet), only changes from now on"
             );
         }
+        let primary_keys = primary_keys(&client, &config.tables).await?;
         let mut start = replication::slot_confirmed_flush_lsn(&client, &config.slot)
             .await?
             .unwrap_or(Lsn::ZERO);
@@ -267,7 +269,13 @@ impl Pipeline {
             connect_failures = 0;
             info!(pipeline = %config.name, slot = %config.slot, from = %start, "streaming");
             match self
-                .stream(stream, &mut handler, &mut summary, &mut shutdown)
+                .stream(
+                    stream,
+                    BatchBuilder::new(config.batch.max_events, primary_keys.clone()),
+                    &mut handler,
+                    &mut summary,
+                    &mut shutdown,
+                )
                 .await?
             {
                 StreamEnd::Finished => return Ok(summary),
@@ -293,12 +301,12 @@ impl Pipeline {
     async fn stream(
         &self,
         mut stream: ReplicationStream,
+        mut builder: BatchBuilder,
         handler: &mut Option<HandlerInstance>,
         summary: &mut RunSummary,
         shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
     ) -> Result<StreamEnd, PipelineError> {
         let config = &self.config;
-        let mut builder = BatchBuilder::new(config.batch.max_events);
         let mut batch_started: Option<Instant> = None;
         let mut progress = Progress::new(config.progress_interval);
         loop {
@@ -440,6 +448,31 @@ impl Pipeline {
             .unwrap_or_default();
         format!("{}/{}", self.config.name, plugin)
     }
+}
+
+/// The primary key columns of each watched table that has one, by (schema, table).
+pub async fn primary_keys(
+    client: &tokio_postgres::Client,
+    tables: &[TableName],
+) -> Result<HashMap<(String, String), Vec<String>>, ReplicationError> {
+    let mut keys = HashMap::new();
+    for table in tables {
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                 WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+                 ORDER BY a.attnum",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(ReplicationError::Sql)?;
+        if !rows.is_empty() {
+            let columns = rows.iter().map(|row| row.get(0)).collect();
+            keys.insert((table.schema.clone(), table.name.clone()), columns);
+        }
+    }
+    Ok(keys)
 }
 
 fn confirm(stream: &ReplicationStream, summary: &mut RunSummary, lsn: Lsn) {

@@ -1,0 +1,685 @@
+//! End-to-end pipeline tests: rows written to a real Postgres reach the real `pgstream-host`
+//! binary, go through real guest components, and land in pgvector (Postgres 18) or in the
+//! JSON-lines sink (both versions; Postgres 15 has no pgvector). Every test asserts what a
+//! user would check: what the store holds, what the handler saw, where the slot stands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until};
+use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
+use serde_json::Value as Json;
+use tempfile::TempDir;
+
+/// Generates one test per Postgres version for a scenario `async fn name(PgVersion)`.
+macro_rules! on_both_versions {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg18() {
+                super::$scenario(pgstream_e2e::PgVersion::Pg18).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg15() {
+                super::$scenario(pgstream_e2e::PgVersion::Pg15).await;
+            }
+        }
+    )*};
+}
+
+on_both_versions!(
+    toasted_column_left_alone_is_reported_unchanged,
+    replica_identity_full_gives_old_rows,
+    truncate_reaches_the_handler,
+    nulls_non_ascii_and_quoted_names_arrive_intact,
+    quiet_watched_table_lets_the_slot_advance,
+    trapping_plugin_is_retried_then_stops_without_confirming,
+);
+
+/// How long a host run to a known LSN may take (the first run compiles the plugin).
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Where the sink writes.
+enum Sink {
+    /// The pgvector table `<table>_embeddings` in the source database.
+    Pgvector,
+    /// A JSON-lines file.
+    Jsonl(PathBuf),
+}
+
+/// One pipeline under test: a database, the watched table and how to start the host on it.
+struct Pipeline<'a> {
+    db: &'a TestDb,
+    table: String,
+    plugin: &'static str,
+    sink: Sink,
+    extra: Vec<String>,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(db: &'a TestDb, table: &str, plugin: &'static str, sink: Sink) -> Pipeline<'a> {
+        Pipeline {
+            db,
+            table: table.to_owned(),
+            plugin,
+            sink,
+            extra: Vec::new(),
+        }
+    }
+
+    fn with_args(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|arg| arg.to_string()));
+        self
+    }
+
+    fn slot(&self) -> String {
+        self.db.unique_name("slot")
+    }
+
+    fn args(&self) -> Vec<String> {
+        let cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
+        let mut args: Vec<String> = [
+            "--dsn",
+            self.db.dsn(),
+            "--table",
+            &self.table,
+            "--plugin",
+            &plugin_path(self.plugin).display().to_string(),
+            "--name",
+            &self.db.unique_name("pipe"),
+            "--slot",
+            &self.slot(),
+            "--cache-dir",
+            &cache.display().to_string(),
+            "--model-dir",
+            &model_dir().display().to_string(),
+            "--batch-wait-ms",
+            "20",
+            "--progress-secs",
+            "1",
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        match &self.sink {
+            Sink::Pgvector => args.extend(["--sink".into(), "pgvector".into()]),
+            Sink::Jsonl(path) => args.extend([
+                "--sink".into(),
+                "jsonl".into(),
+                "--collection".into(),
+                path.display().to_string(),
+            ]),
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// `pgstream-host setup`: from now on changes are captured.
+    async fn setup(&self) {
+        let mut args = vec!["setup".to_owned()];
+        args.extend(self.args());
+        let mut host = HostProcess::start(&args).expect("start host setup");
+        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
+        assert!(status.success(), "setup failed:\n{}", host.log());
+    }
+
+    fn start(&self) -> HostProcess {
+        HostProcess::start(self.args()).expect("start host")
+    }
+
+    /// Runs the host with `--stop-at-lsn` at the current WAL position and returns it exited.
+    async fn run_to_current_lsn(&self) -> HostProcess {
+        let lsn = current_lsn(self.db).await;
+        let mut args = self.args();
+        args.extend(["--stop-at-lsn".to_owned(), lsn]);
+        let mut host = HostProcess::start(&args).expect("start host");
+        host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+        host
+    }
+
+    /// Runs to the current LSN and asserts the host exited 0.
+    async fn catch_up(&self) {
+        let mut host = self.run_to_current_lsn().await;
+        let status = host.try_status().unwrap().expect("exited");
+        assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    }
+
+    async fn confirmed_flush_lsn(&self) -> u64 {
+        let row = self
+            .db
+            .client()
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&self.slot()],
+            )
+            .await
+            .expect("slot exists");
+        row.get::<_, i64>(0) as u64
+    }
+}
+
+async fn current_lsn(db: &TestDb) -> String {
+    db.client()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("current LSN")
+        .get(0)
+}
+
+async fn lsn_bytes(db: &TestDb) -> u64 {
+    let row = db
+        .client()
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("current LSN");
+    row.get::<_, i64>(0) as u64
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    db.client()
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
+/// The JSON lines a sink file holds.
+fn jsonl(path: &Path) -> Vec<Json> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// The events the echo handler reported, in order: each upsert's payload.
+fn echoed_events(path: &Path) -> Vec<Json> {
+    jsonl(path)
+        .into_iter()
+        .filter(|line| line["op"] == "upsert")
+        .map(|line| line["payload"].clone())
+        .collect()
+}
+
+/// The value of a column in an echoed row, as `{"text": ..}`, `{"null": true}` or
+/// `{"unchanged": true}`.
+fn column<'a>(row: &'a Json, name: &str) -> &'a Json {
+    row.as_array()
+        .expect("row is a list")
+        .iter()
+        .find(|column| column["name"] == name)
+        .map(|column| &column["value"])
+        .unwrap_or_else(|| panic!("no column {name} in {row}"))
+}
+
+fn embedder() -> MiniLmEmbedder {
+    MiniLmEmbedder::load(&model_dir(), MiniLmOptions::default()).expect("model loads")
+}
+
+async fn toasted_column_left_alone_is_reported_unchanged(version: PgVersion) {
+    let db = PgServer::shared(version).create_database().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("events.jsonl");
+    exec(
+        &db,
+        "CREATE TABLE notes (id int PRIMARY KEY, title text, content text);
+         ALTER TABLE notes ALTER COLUMN content SET STORAGE EXTERNAL;",
+    )
+    .await;
+    let pipeline = Pipeline::new(&db, "notes", "echo-handler", Sink::Jsonl(sink.clone()));
+    pipeline.setup().await;
+    // 12 kB stored uncompressed out of line: an UPDATE that leaves it alone does not send it.
+    exec(
+        &db,
+        "INSERT INTO notes VALUES (1, 'first', repeat('lorem ipsum ', 1000));
+         UPDATE notes SET title = 'second' WHERE id = 1;
+         UPDATE notes SET content = 'short now' WHERE id = 1;",
+    )
+    .await;
+    pipeline.catch_up().await;
+
+    let events = echoed_events(&sink);
+    assert_eq!(events.len(), 3, "{events:#?}");
+    let insert = &events[0]["row"];
+    assert_eq!(
+        column(insert, "content")["text"].as_str().map(str::len),
+        Some(12_000)
+    );
+    let untouched = &events[1];
+    assert_eq!(untouched["operation"], "update");
+    assert_eq!(column(&untouched["row"], "title")["text"], "second");
+    assert_eq!(
+        column(&untouched["row"], "content"),
+        &serde_json::json!({"unchanged": true}),
+        "an UPDATE that left the TOASTed value alone must say unchanged, not null or empty"
+    );
+    assert_eq!(column(&events[2]["row"], "content")["text"], "short now");
+}
+
+async fn replica_identity_full_gives_old_rows(version: PgVersion) {
+    let db = PgServer::shared(version).create_database().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("events.jsonl");
+    exec(
+        &db,
+        "CREATE TABLE people (id int PRIMARY KEY, name text, city text);
+         ALTER TABLE people REPLICA IDENTITY FULL;
+         CREATE TABLE keyed (id int PRIMARY KEY, name text);",
+    )
+    .await;
+    let pipeline = Pipeline::new(
+        &db,
+        "people,keyed",
+        "echo-handler",
+        Sink::Jsonl(sink.clone()),
+    )
+    .with_args(&["--embedder", "none"]);
+    pipeline.setup().await;
+    exec(
+        &db,
+        "INSERT INTO people VALUES (1, 'Ada', 'London');
+         UPDATE people SET city = 'Paris' WHERE id = 1;
+         DELETE FROM people WHERE id = 1;
+         INSERT INTO keyed VALUES (1, 'k');
+         UPDATE keyed SET id = 2 WHERE id = 1;
+         UPDATE keyed SET name = 'l' WHERE id = 2;",
+    )
+    .await;
+    pipeline.catch_up().await;
+
+    let events = echoed_events(&sink);
+    assert_eq!(events.len(), 6, "{events:#?}");
+    let update = &events[1];
+    assert_eq!(update["key_columns"], serde_json::json!(["id"]));
+    let old = &update["old_row"];
+    assert_eq!(column(old, "city")["text"], "London");
+    assert_eq!(column(old, "name")["text"], "Ada");
+    assert_eq!(column(&update["row"], "city")["text"], "Paris");
+    let delete = &events[2];
+    assert_eq!(delete["operation"], "delete");
+    assert_eq!(
+        column(&delete["row"], "name")["text"],
+        "Ada",
+        "with REPLICA IDENTITY FULL a delete carries the whole old row"
+    );
+    // Default identity: a key change sends the old key, a plain update sends no old row.
+    let key_change = &events[4];
+    assert_eq!(column(&key_change["old_row"], "id")["text"], "1");
+    assert_eq!(column(&key_change["row"], "id")["text"], "2");
+    assert_eq!(events[5]["old_row"], Json::Null);
+}
+
+async fn truncate_reaches_the_handler(version: PgVersion) {
+    let db = PgServer::shared(version).create_database().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("events.jsonl");
+    exec(
+        &db,
+        "CREATE TABLE items (id int PRIMARY KEY, content text);",
+    )
+    .await;
+    let pipeline = Pipeline::new(&db, "items", "embed-handler", Sink::Jsonl(sink.clone()))
+        .with_args(&["--embedder", "none"]);
+    pipeline.setup().await;
+    exec(
+        &db,
+        "INSERT INTO items VALUES (1, NULL), (2, NULL);
+         TRUNCATE items;",
+    )
+    .await;
+    pipeline.catch_up().await;
+    let lines = jsonl(&sink);
+    let truncates: Vec<&Json> = lines
+        .iter()
+        .filter(|line| line["op"] == "delete_table")
+        .collect();
+    assert_eq!(truncates.len(), 1, "{lines:#?}");
+    assert_eq!(truncates[0]["schema"], "public");
+    assert_eq!(truncates[0]["table"], "items");
+}
+
+async fn nulls_non_ascii_and_quoted_names_arrive_intact(version: PgVersion) {
+    let db = PgServer::shared(version).create_database().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("events.jsonl");
+    exec(
+        &db,
+        r#"CREATE SCHEMA "Mixed Schema";
+           CREATE TABLE "Mixed Schema"."Docs Ünï" (
+               "Id" int PRIMARY KEY, "Body" text, note text, amount numeric, meta jsonb,
+               flag bool, at timestamptz);"#,
+    )
+    .await;
+    let pipeline = Pipeline::new(
+        &db,
+        r#""Mixed Schema"."Docs Ünï""#,
+        "echo-handler",
+        Sink::Jsonl(sink.clone()),
+    )
+    .with_args(&["--embedder", "none"]);
+    pipeline.setup().await;
+    exec(
+        &db,
+        r#"INSERT INTO "Mixed Schema"."Docs Ünï" VALUES
+           (1, '日本語のテキスト ✓ émoji 🎉', NULL, 12.50, '{"k": [1, 2]}', true,
+            '2024-02-29 12:34:56.789+00');"#,
+    )
+    .await;
+    pipeline.catch_up().await;
+
+    let events = echoed_events(&sink);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let event = &events[0];
+    assert_eq!(event["schema"], "Mixed Schema");
+    assert_eq!(event["table"], "Docs Ünï");
+    assert_eq!(event["key_columns"], serde_json::json!(["Id"]));
+    let row = &event["row"];
+    assert_eq!(column(row, "Body")["text"], "日本語のテキスト ✓ émoji 🎉");
+    assert_eq!(column(row, "note"), &serde_json::json!({"null": true}));
+    assert_eq!(column(row, "amount")["text"], "12.50");
+    assert_eq!(column(row, "meta")["text"], r#"{"k": [1, 2]}"#);
+    assert_eq!(column(row, "flag")["text"], "t");
+    let oids: BTreeMap<String, u64> = row
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["type_oid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: BTreeMap<String, u64> = [
+        ("Id", 23),
+        ("Body", 25),
+        ("note", 25),
+        ("amount", 1700),
+        ("meta", 3802),
+        ("flag", 16),
+        ("at", 1184),
+    ]
+    .into_iter()
+    .map(|(name, oid)| (name.to_owned(), oid))
+    .collect();
+    assert_eq!(oids, expected);
+    // commit_time is microseconds since the Unix epoch: within a minute of now.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let commit_time = event["commit_time"].as_i64().unwrap();
+    assert!(
+        (now_us - commit_time).abs() < 60_000_000,
+        "commit_time {commit_time}"
+    );
+}
+
+async fn quiet_watched_table_lets_the_slot_advance(version: PgVersion) {
+    let db = PgServer::shared(version).create_database().await;
+    let out = TempDir::new().unwrap();
+    exec(
+        &db,
+        "CREATE TABLE quiet (id int PRIMARY KEY, content text);
+         CREATE TABLE busy (id serial PRIMARY KEY, filler text);",
+    )
+    .await;
+    let pipeline = Pipeline::new(
+        &db,
+        "quiet",
+        "noop-handler",
+        Sink::Jsonl(out.path().join("sink.jsonl")),
+    )
+    .with_args(&["--embedder", "none"]);
+    pipeline.setup().await;
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    let before = pipeline.confirmed_flush_lsn().await;
+    for _ in 0..20 {
+        exec(
+            &db,
+            "INSERT INTO busy (filler) SELECT repeat('x', 500) FROM generate_series(1, 500);",
+        )
+        .await;
+    }
+    let target = lsn_bytes(&db).await;
+    assert!(target > before + 1_000_000, "the busy table wrote WAL");
+    let advanced = wait_until(Duration::from_secs(60), || async {
+        pipeline.confirmed_flush_lsn().await >= target
+    })
+    .await;
+    let after = pipeline.confirmed_flush_lsn().await;
+    host.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(
+        advanced.is_ok(),
+        "confirmed_flush_lsn stayed at {after:X} (< {target:X}) while only unwatched tables \
+         wrote: WAL would pile up. Host log:\n{}",
+        host.log()
+    );
+}
+
+async fn trapping_plugin_is_retried_then_stops_without_confirming(version: PgVersion) {
+    let db = PgServer::shared(version).create_database().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("sink.jsonl");
+    exec(&db, "CREATE TABLE t (id int PRIMARY KEY, content text);").await;
+    let pipeline = Pipeline::new(&db, "t", "trap-handler", Sink::Jsonl(sink.clone())).with_args(&[
+        "--embedder",
+        "none",
+        "--max-attempts",
+        "3",
+        "--retry-backoff-ms",
+        "20",
+    ]);
+    pipeline.setup().await;
+    exec(&db, "INSERT INTO t VALUES (1, 'fine');").await;
+    let before_boom = lsn_bytes(&db).await;
+    exec(&db, "INSERT INTO t VALUES (2, 'boom');").await;
+    exec(&db, "INSERT INTO t VALUES (3, 'after');").await;
+
+    let mut host = pipeline.run_to_current_lsn().await;
+    let status = host.try_status().unwrap().expect("exited");
+    let log = host.log();
+    assert!(!status.success(), "the host must fail:\n{log}");
+    assert!(
+        log.contains("trap-handler refuses content 'boom'"),
+        "the guest's panic text reaches the operator:\n{log}"
+    );
+    assert!(log.contains("failed 3 times"), "{log}");
+    assert_eq!(log.matches("retrying the batch").count(), 2, "{log}");
+    let confirmed = pipeline.confirmed_flush_lsn().await;
+    assert!(
+        confirmed <= before_boom,
+        "confirmed {confirmed:X} past the failing transaction (starts after {before_boom:X})"
+    );
+    let written: BTreeSet<String> = jsonl(&sink)
+        .iter()
+        .filter_map(|line| line["key"][0].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !written.contains("3"),
+        "nothing after the failing event may be handled: {written:?}"
+    );
+}
+
+/// Reads the pgvector table as id -> (payload, vector).
+async fn stored_points(db: &TestDb, table: &str) -> BTreeMap<i64, (Json, Vec<f32>)> {
+    let rows = db
+        .client()
+        .query(
+            &format!(
+                "SELECT source_key[1]::bigint, payload, embedding::real[] FROM {table}_embeddings"
+            ),
+            &[],
+        )
+        .await
+        .expect("read the vector table");
+    rows.iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect()
+}
+
+fn assert_close(stored: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(stored.len(), expected.len(), "{what}: dimensions");
+    let worst = stored
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "{what}: max difference {worst}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgvector_follows_inserts_updates_deletes_and_truncate() {
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.create_vector_extension().await;
+    exec(
+        &db,
+        "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);",
+    )
+    .await;
+    let pipeline = Pipeline::new(&db, "docs", "embed-handler", Sink::Pgvector);
+    pipeline.setup().await;
+    exec(
+        &db,
+        "INSERT INTO docs VALUES
+           (1, 'bread', 'Bake sourdough bread with a lively starter.'),
+           (2, 'coffee', 'Pull an espresso shot at nine bars.'),
+           (3, 'running', 'Build mileage slowly for a marathon.'),
+           (4, 'garden', 'Tomatoes want full sun.'),
+           (5, 'empty', NULL);
+         UPDATE docs SET content = 'Steep green tea for two minutes.' WHERE id = 2;
+         UPDATE docs SET title = 'long runs' WHERE id = 3;
+         DELETE FROM docs WHERE id = 4;",
+    )
+    .await;
+    pipeline.catch_up().await;
+
+    let points = stored_points(&db, "docs").await;
+    assert_eq!(
+        points.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "deleted and NULL-content rows have no point"
+    );
+    let model = embedder();
+    let texts = vec![
+        "Bake sourdough bread with a lively starter.".to_owned(),
+        "Steep green tea for two minutes.".to_owned(),
+        "Build mileage slowly for a marathon.".to_owned(),
+    ];
+    let expected = model.embed(&texts).await.unwrap();
+    for (index, id) in [1i64, 2, 3].iter().enumerate() {
+        let (payload, vector) = &points[id];
+        assert_close(vector, &expected[index], &format!("vector of row {id}"));
+        assert_eq!(payload["id"], *id, "payload of row {id}: {payload}");
+    }
+    assert_eq!(points[&3].0["title"], "long runs");
+
+    exec(
+        &db,
+        "TRUNCATE docs; INSERT INTO docs VALUES (9, 'after', 'A row written after the truncate.');",
+    )
+    .await;
+    pipeline.catch_up().await;
+    let points = stored_points(&db, "docs").await;
+    assert_eq!(points.keys().copied().collect::<Vec<_>>(), vec![9]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing() {
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.create_vector_extension().await;
+    exec(
+        &db,
+        "CREATE TABLE items (id int PRIMARY KEY, content text);",
+    )
+    .await;
+    let pipeline = Pipeline::new(&db, "items", "embed-handler", Sink::Pgvector)
+        .with_args(&["--batch-size", "200"]);
+    pipeline.setup().await;
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+
+    // 20,000 changes in transactions of 100: 12,000 inserts, 5,000 updates, 3,000 deletes.
+    for start in (1..=12_000).step_by(100) {
+        exec(
+            &db,
+            &format!(
+                "INSERT INTO items SELECT g, 'item ' || g || ' is about topic ' || (g % 97)
+                 FROM generate_series({start}, {end}) g",
+                end = start + 99
+            ),
+        )
+        .await;
+    }
+    for start in (1..=5_000).step_by(100) {
+        exec(
+            &db,
+            &format!(
+                "UPDATE items SET content = 'revised item ' || id
+                 WHERE id BETWEEN {start} AND {end}",
+                end = start + 99
+            ),
+        )
+        .await;
+    }
+    for start in (9_001..=12_000).step_by(100) {
+        exec(
+            &db,
+            &format!(
+                "DELETE FROM items WHERE id BETWEEN {start} AND {end}",
+                end = start + 99
+            ),
+        )
+        .await;
+    }
+    let end = current_lsn(&db).await;
+
+    // Kill it while it is part-way through, as a crash or OOM kill would.
+    wait_until(Duration::from_secs(120), || async {
+        db.client()
+            .query_one("SELECT count(*) FROM items_embeddings", &[])
+            .await
+            .map(|row| row.get::<_, i64>(0) >= 1_000)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("no progress: {error}\n{}", host.log()));
+    host.kill().await.unwrap();
+    let confirmed_at_kill = pipeline.confirmed_flush_lsn().await;
+
+    let mut args = pipeline.args();
+    args.extend(["--stop-at-lsn".to_owned(), end.clone()]);
+    let mut restarted = HostProcess::start(&args).unwrap();
+    let status = restarted
+        .wait_timeout(Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert!(status.success(), "restart failed:\n{}", restarted.log());
+    assert!(pipeline.confirmed_flush_lsn().await > confirmed_at_kill);
+
+    let source: BTreeMap<i64, String> = db
+        .client()
+        .query("SELECT id::bigint, content FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let points = stored_points(&db, "items").await;
+    assert_eq!(source.len(), 9_000);
+    assert_eq!(
+        points.keys().collect::<Vec<_>>(),
+        source.keys().collect::<Vec<_>>(),
+        "the vector table holds exactly the source rows"
+    );
+    // The vectors follow the latest content: check a spread of rows against the model.
+    let sample: Vec<i64> = source.keys().copied().step_by(450).collect();
+    let texts: Vec<String> = sample.iter().map(|id| source[id].clone()).collect();
+    let expected = embedder().embed(&texts).await.unwrap();
+    for (id, vector) in sample.iter().zip(&expected) {
+        assert_close(&points[id].1, vector, &format!("vector of item {id}"));
+    }
+}

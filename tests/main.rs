@@ -4,5 +4,6 @@
 //! Run with `make test`, which installs Postgres and the model, builds the guests and the host,
 //! and exports the paths the harness reads.
 
+mod cli;
 mod harness;
 mod pipeline;

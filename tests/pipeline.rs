@@ -451,7 +451,12 @@ async fn quiet_watched_table_lets_the_slot_advance(version: PgVersion) {
     })
     .await;
     let after = pipeline.confirmed_flush_lsn().await;
-    host.terminate(Duration::from_secs(30)).await.unwrap();
+    let stopped = host.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(
+        stopped.success(),
+        "SIGTERM is a clean stop:\n{}",
+        host.log()
+    );
     assert!(
         advanced.is_ok(),
         "confirmed_flush_lsn stayed at {after:X} (< {target:X}) while only unwatched tables \

@@ -228,7 +228,6 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            error!("{error:#}");
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
@@ -241,7 +240,10 @@ async fn run(cli: Cli) -> Result<()> {
         .dsn
         .clone()
         .context("no source database: pass --dsn or set PGSTREAM_DSN")?;
-    let source = SourceConfig::from_dsn(&dsn)?;
+    let source = SourceConfig::from_dsn(&dsn).context(
+        "--dsn (PGSTREAM_DSN) is not a usable connection string; expected \
+         postgresql://user:password@host:port/dbname or key=value pairs",
+    )?;
     let slot = args.slot.clone().unwrap_or_else(|| args.name.clone());
     let publication = args
         .publication

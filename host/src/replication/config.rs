@@ -109,8 +109,10 @@ impl SourceConfig {
         let split = split_tls_options(dsn)?;
         let mut sql = tokio_postgres::Config::from_str(&split.rest).map_err(|error| {
             ReplicationError::InvalidDsn {
-                // tokio-postgres never echoes the password in its parse errors.
-                reason: error.to_string(),
+                // tokio-postgres never echoes the password in its parse errors. Its own message
+                // is only "invalid connection string"; the detail is in the source.
+                reason: std::error::Error::source(&error)
+                    .map_or_else(|| error.to_string(), |cause| cause.to_string()),
             }
         })?;
         let mut ssl_mode = match split.sslmode.as_deref() {

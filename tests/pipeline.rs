@@ -688,3 +688,59 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
         assert_close(&points[id].1, vector, &format!("vector of item {id}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
+    // A server of its own: this test crashes it.
+    let server = PgServer::start(PgVersion::Pg15).expect("start a private server");
+    let db = server.create_database().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("sink.jsonl");
+    exec(&db, "CREATE TABLE t (id int PRIMARY KEY, note text);").await;
+    let pipeline = Pipeline::new(&db, "t", "echo-handler", Sink::Jsonl(sink.clone())).with_args(&[
+        "--embedder",
+        "none",
+        "--retry-backoff-ms",
+        "100",
+    ]);
+    pipeline.setup().await;
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+
+    let ids_seen = || {
+        echoed_events(&sink)
+            .iter()
+            .map(|event| {
+                column(&event["row"], "id")["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect::<BTreeSet<String>>()
+    };
+    exec(
+        &db,
+        "INSERT INTO t SELECT g, 'before' FROM generate_series(1, 50) g;",
+    )
+    .await;
+    wait_until(Duration::from_secs(60), || async { ids_seen().len() == 50 })
+        .await
+        .unwrap_or_else(|error| panic!("{error}\n{}", host.log()));
+
+    server.crash().expect("crash the server");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.start_again().expect("start the server again");
+    let client = db.connect().await;
+    client
+        .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(51, 100) g;")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(90), || async {
+        ids_seen().len() == 100
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error}\n{}", host.log()));
+    let status = host.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "{}", host.log());
+    assert!(host.log().contains("reconnecting"), "{}", host.log());
+}

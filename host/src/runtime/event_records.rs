@@ -108,7 +108,10 @@ impl<'a> BatchRecords<'a> {
             .map(|event| {
                 let columns = &event.relation.columns;
                 row_len(columns, &event.row)
-                    + event.old_row.as_ref().map_or(0, |old| row_len(columns, old))
+                    + event
+                        .old_row
+                        .as_ref()
+                        .map_or(0, |old| row_len(columns, old))
             })
             .sum();
         let mut columns = Vec::with_capacity(count);

@@ -164,10 +164,7 @@ impl wasmtime::ResourceLimiter for GuestLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let requested = self
-            .used
-            .saturating_sub(current)
-            .saturating_add(desired);
+        let requested = self.used.saturating_sub(current).saturating_add(desired);
         if requested > self.limit {
             self.exceeded = true;
             return Err(MemoryLimitExceeded {
@@ -232,7 +229,9 @@ mod tests {
         let mut limiter = GuestLimiter::new(10 * PAGE);
         assert!(limiter.memory_growing(0, 10 * PAGE, None).unwrap());
         assert!(!limiter.exceeded());
-        let error = limiter.memory_growing(10 * PAGE, 11 * PAGE, None).unwrap_err();
+        let error = limiter
+            .memory_growing(10 * PAGE, 11 * PAGE, None)
+            .unwrap_err();
         assert!(error.is::<MemoryLimitExceeded>());
     }
 }
@@ -252,8 +251,14 @@ mod clock_tests {
         clock.leave_host();
         let after_import = clock.guest_elapsed();
         assert!(during_import >= Duration::from_millis(20));
-        assert!(during_import < Duration::from_millis(100), "{during_import:?}");
-        assert!(after_import < Duration::from_millis(100), "{after_import:?}");
+        assert!(
+            during_import < Duration::from_millis(100),
+            "{during_import:?}"
+        );
+        assert!(
+            after_import < Duration::from_millis(100),
+            "{after_import:?}"
+        );
         clock.start_call();
         assert!(clock.guest_elapsed() < Duration::from_millis(20));
     }

@@ -374,6 +374,7 @@ async fn a_panic_is_a_trap_carrying_the_panic_text_and_poisons_the_instance() {
         message.contains("trap-handler refuses content 'boom' (table public.documents)"),
         "{message}"
     );
+    assert!(message.contains("wasm backtrace"), "{message}");
     assert!(instance.is_poisoned());
     assert!(matches!(
         instance.handle(&[insert(&documents, 3, "fine")]).await,

@@ -129,14 +129,15 @@ impl HandlerInstance {
 
     fn poison_with_trap(&mut self, error: &wasmtime::Error) -> HandleError {
         self.poisoned = true;
+        // `{:#}` gives the trap and its causes (wasmtime attaches the wasm backtrace as one of
+        // them) without the host's own native backtrace, which says nothing about the guest.
+        let mut message = format!("{error:#}");
         let stderr = self.stderr.take_tail();
-        let stderr = stderr.trim_end();
-        // `{:?}` of a wasmtime error prints the trap, its causes and the wasm backtrace.
-        let message = if stderr.is_empty() {
-            format!("{error:?}")
-        } else {
-            format!("{error:?}\nguest stderr:\n{stderr}")
-        };
+        let stderr = stderr.trim();
+        if !stderr.is_empty() {
+            message.push_str("\nguest stderr:\n");
+            message.push_str(stderr);
+        }
         HandleError::Trap { message }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use wasmtime::Store;
 use wasmtime::component::Func;
 
-use super::engine::EPOCH_TICK;
+use super::engine::{EPOCH_TICK, EngineShared};
 use super::error::HandleError;
 use super::event_records::{BatchRecords, HandleParams, HandleResults};
 use super::guest_output::GuestOutput;
@@ -23,6 +23,9 @@ const WATCHDOG_GRACE: Duration = Duration::from_millis(5 * EPOCH_TICK.as_millis(
 /// An instantiated handler with its own store. Not shared: one pipeline drives it, one batch
 /// at a time.
 pub struct HandlerInstance {
+    /// Keeps the epoch ticker running while the instance lives, even if every engine and
+    /// plugin handle is gone: without ticks a spinning guest would never be stopped.
+    _engine: Arc<EngineShared>,
     store: Store<StoreState>,
     handle: Func,
     stderr: GuestOutput,
@@ -34,6 +37,7 @@ pub struct HandlerInstance {
 
 impl HandlerInstance {
     pub(crate) fn new(
+        engine: Arc<EngineShared>,
         store: Store<StoreState>,
         handle: Func,
         stderr: GuestOutput,
@@ -42,6 +46,7 @@ impl HandlerInstance {
         log_target: Arc<str>,
     ) -> HandlerInstance {
         HandlerInstance {
+            _engine: engine,
             store,
             handle,
             stderr,
@@ -124,14 +129,15 @@ impl HandlerInstance {
 
     fn poison_with_trap(&mut self, error: &wasmtime::Error) -> HandleError {
         self.poisoned = true;
+        // `{:#}` gives the trap and its causes (wasmtime attaches the wasm backtrace as one of
+        // them) without the host's own native backtrace, which says nothing about the guest.
+        let mut message = format!("{error:#}");
         let stderr = self.stderr.take_tail();
-        let stderr = stderr.trim_end();
-        // `{:?}` of a wasmtime error prints the trap, its causes and the wasm backtrace.
-        let message = if stderr.is_empty() {
-            format!("{error:?}")
-        } else {
-            format!("{error:?}\nguest stderr:\n{stderr}")
-        };
+        let stderr = stderr.trim();
+        if !stderr.is_empty() {
+            message.push_str("\nguest stderr:\n");
+            message.push_str(stderr);
+        }
         HandleError::Trap { message }
     }
 }
@@ -143,5 +149,157 @@ impl std::fmt::Debug for HandlerInstance {
             .field("limits", &self.limits)
             .field("poisoned", &self.poisoned)
             .finish_non_exhaustive()
+    }
+}
+
+/// Compares the borrowed records with the bindgen-generated owned types (which need a `String`
+/// per column name and value) on the no-op guest. `make guests`, then
+/// `cargo test --release -p pgstream-host --lib throughput -- --ignored --nocapture`.
+#[cfg(test)]
+mod throughput_tests {
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use super::super::bindings::pgstream::handler::types as wit;
+    use super::super::{EngineOptions, HostImports, PluginEngine};
+    use super::*;
+    use crate::event::{Column, Operation, Relation, Value};
+    use crate::lsn::Lsn;
+    use crate::point::{Point, PointKey};
+
+    struct NoImports;
+
+    #[async_trait::async_trait]
+    impl HostImports for NoImports {
+        async fn embed(&self, _: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+            Err("unused".into())
+        }
+        async fn upsert(&self, _: Vec<Point>) -> Result<(), String> {
+            Err("unused".into())
+        }
+        async fn delete(&self, _: Vec<PointKey>) -> Result<(), String> {
+            Err("unused".into())
+        }
+        async fn delete_table(&self, _: String, _: String) -> Result<(), String> {
+            Err("unused".into())
+        }
+    }
+
+    fn owned(event: &ChangeEvent) -> wit::ChangeEvent {
+        let row = |values: &[Value]| {
+            event
+                .relation
+                .columns
+                .iter()
+                .zip(values)
+                .map(|(column, value)| wit::Column {
+                    name: column.name.clone(),
+                    type_oid: column.type_oid,
+                    value: match value {
+                        Value::Null => wit::Value::Null,
+                        Value::Unchanged => wit::Value::Unchanged,
+                        Value::Text(_) => {
+                            wit::Value::Text(value.as_str().unwrap_or_default().to_owned())
+                        }
+                    },
+                })
+                .collect()
+        };
+        wit::ChangeEvent {
+            operation: match event.operation {
+                Operation::Insert => wit::Operation::Insert,
+                Operation::Update => wit::Operation::Update,
+                Operation::Delete => wit::Operation::Delete,
+                Operation::Truncate => wit::Operation::Truncate,
+            },
+            schema: event.relation.schema.clone(),
+            table: event.relation.table.clone(),
+            row: row(&event.row),
+            old_row: event.old_row.as_deref().map(row),
+            key_columns: event.relation.key_columns.clone(),
+            lsn: event.lsn.0,
+            commit_time: event.commit_time_us,
+            xid: event.xid,
+        }
+    }
+
+    impl HandlerInstance {
+        async fn handle_owned(&mut self, events: &[ChangeEvent]) -> wasmtime::Result<()> {
+            let events: Vec<wit::ChangeEvent> = events.iter().map(owned).collect();
+            let typed = self
+                .handle
+                .typed::<(&[wit::ChangeEvent],), (Result<(), wit::Error>,)>(&self.store)?;
+            self.clock.start_call();
+            self.store.set_epoch_deadline(1);
+            let (result,) = typed.call_async(&mut self.store, (&events,)).await?;
+            result.map_err(|error| wasmtime::format_err!("{}", error.message))
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "benchmark; needs `make guests`; prints events/s"]
+    async fn throughput_borrowed_vs_generated_owned_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/wasm/noop-handler.wasm"
+        );
+        let engine = PluginEngine::new(EngineOptions::default()).unwrap();
+        let plugin = engine.load(std::path::Path::new(path)).unwrap();
+        let mut instance = plugin
+            .instantiate(Arc::new(NoImports), Limits::default(), "bench/noop")
+            .await
+            .unwrap();
+        let column = |name: &str, type_oid, is_key| Column {
+            name: name.to_owned(),
+            type_oid,
+            is_key,
+        };
+        let relation = Arc::new(Relation::new(
+            1,
+            "public".into(),
+            "documents".into(),
+            vec![
+                column("id", 23, true),
+                column("content", 25, false),
+                column("note", 25, false),
+                column("meta", 3802, false),
+            ],
+        ));
+        let content = Bytes::from("some text to embed ".repeat(10));
+        let batch: Vec<ChangeEvent> = (0..1000)
+            .map(|id| ChangeEvent {
+                operation: Operation::Insert,
+                relation: relation.clone(),
+                row: vec![
+                    Value::text(Bytes::from(format!("{id}"))).unwrap(),
+                    Value::Text(content.clone()),
+                    Value::Null,
+                    Value::text(Bytes::from_static(br#"{"tags": ["a"]}"#)).unwrap(),
+                ],
+                old_row: None,
+                lsn: Lsn(1),
+                commit_time_us: 0,
+                xid: 1,
+            })
+            .collect();
+        let rounds = 200;
+        for owned in [false, true, false, true] {
+            let started = Instant::now();
+            for _ in 0..rounds {
+                if owned {
+                    instance.handle_owned(&batch).await.unwrap();
+                } else {
+                    instance.handle(&batch).await.unwrap();
+                }
+            }
+            let rate = (rounds * batch.len()) as f64 / started.elapsed().as_secs_f64();
+            let kind = if owned {
+                "generated owned"
+            } else {
+                "borrowed records"
+            };
+            println!("noop-handler, {kind}: {rate:.0} events/s");
+        }
     }
 }

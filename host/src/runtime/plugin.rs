@@ -153,7 +153,13 @@ impl Plugin {
             .typed::<HandleParams<'_>, HandleResults>(&store)
             .map_err(mismatch)?;
         Ok(HandlerInstance::new(
-            store, handle, stderr, clock, limits, log_target,
+            self.inner.engine.clone(),
+            store,
+            handle,
+            stderr,
+            clock,
+            limits,
+            log_target,
         ))
     }
 }

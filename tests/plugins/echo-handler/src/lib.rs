@@ -47,7 +47,10 @@ fn event_json(event: &ChangeEvent) -> Json {
 
 impl Handler for EchoHandler {
     fn handle(events: Vec<ChangeEvent>) -> Result<(), Error> {
-        host::log(LogLevel::Info, &format!("echo-handler got {} events", events.len()));
+        host::log(
+            LogLevel::Info,
+            &format!("echo-handler got {} events", events.len()),
+        );
         println!("echo-handler stdout: {} events", events.len());
 
         let texts: Vec<String> = events

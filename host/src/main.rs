@@ -350,7 +350,9 @@ async fn run(cli: Cli) -> Result<()> {
                 stream: StreamOptions::default(),
                 progress_interval: Duration::from_secs(args.progress_secs.max(1)),
             };
-            let pipeline = Pipeline::new(config, &engine, embedder, sink)?;
+            // Compiling a plugin that is not in the cache takes seconds of CPU.
+            let pipeline =
+                tokio::task::block_in_place(|| Pipeline::new(config, &engine, embedder, sink))?;
             let summary = pipeline.run(shutdown_signal()).await?;
             info!(
                 events = summary.events,

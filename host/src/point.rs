@@ -17,7 +17,8 @@ pub struct PointKey {
 pub struct Point {
     /// Which point.
     pub key: PointKey,
-    /// The embedding; `None` keeps the stored vector and replaces only the payload.
+    /// The embedding; `None` keeps the stored vector and replaces only the payload (a sink
+    /// skips such a point, with a warning, when it has no stored vector for it).
     pub vector: Option<Vec<f32>>,
     /// The payload, a JSON document as text.
     pub payload: String,

@@ -124,13 +124,15 @@ impl PgVectorSink {
             .await
             .map_err(classify)?;
         if updated != points.len() as u64 {
-            return Err(SinkError::Rejected(format!(
-                "{} of {} payload-only upserts named points that have no stored vector in {}; \
-                 a point must be upserted with a vector first",
-                points.len() as u64 - updated,
-                points.len(),
-                self.qualified
-            )));
+            // Typically a row that existed before the slot (no backfill yet) whose update did
+            // not resend its TOASTed text: there is no vector to keep and none to make, and
+            // stopping the pipeline over it would help nobody.
+            tracing::warn!(
+                table = %self.qualified,
+                skipped = points.len() as u64 - updated,
+                "payload-only upserts for points that have no stored vector were skipped; \
+                 those rows get a point when their embedded text next changes"
+            );
         }
         Ok(())
     }

@@ -286,17 +286,21 @@ async fn a_killed_test_binary_leaves_no_process_behind() {
                 pid.parse::<u32>().unwrap(),
                 std::path::PathBuf::from(folder),
             ));
-        } else if let Some(pid) = line.strip_prefix("HOST ") {
-            host = Some(pid.parse::<u32>().unwrap());
+        } else if let Some(rest) = line.strip_prefix("HOST ") {
+            let (pid, log) = rest.split_once(' ').unwrap();
+            host = Some((pid.parse::<u32>().unwrap(), std::path::PathBuf::from(log)));
         }
     }
     let status = child.wait().await.unwrap();
     assert!(!status.success(), "the child aborted");
     let (postmaster, folder) = server.expect("the child started a server");
-    let host = host.expect("the child started a host process");
+    let (host, host_log) = host.expect("the child started a host process");
 
     wait_until(Duration::from_secs(20), || async {
-        !process_exists(postmaster) && !folder.exists() && !process_exists(host)
+        !process_exists(postmaster)
+            && !folder.exists()
+            && !process_exists(host)
+            && !host_log.exists()
     })
     .await
     .expect("the watchdogs stop the postmaster, remove its folder and kill the host");
@@ -316,7 +320,7 @@ async fn start_a_server_and_abort() {
     let mut command = tokio::process::Command::new("/bin/sh");
     command.args(["-c", "exec sleep 600"]);
     let process = HostProcess::spawn(command).unwrap();
-    println!("HOST {}", process.pid());
+    println!("HOST {} {}", process.pid(), process.log_path().display());
     std::process::abort();
 }
 

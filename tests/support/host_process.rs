@@ -76,7 +76,10 @@ impl HostProcess {
             .spawn()
             .with_context(|| format!("starting {:?}", command.as_std().get_program()))?;
         let pid = child.id().context("a just-started child has a pid")?;
-        let watchdog = Watchdog::spawn(KILL_PROCESS, &[pid.to_string().as_ref()])?;
+        let watchdog = Watchdog::spawn(
+            KILL_PROCESS,
+            &[pid.to_string().as_ref(), folder.path().as_os_str()],
+        )?;
         Ok(HostProcess {
             child,
             pid,

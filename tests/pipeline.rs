@@ -614,37 +614,28 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
 
     // 20,000 changes in transactions of 100: 12,000 inserts, 5,000 updates, 3,000 deletes.
-    for start in (1..=12_000).step_by(100) {
-        exec(
-            &db,
-            &format!(
-                "INSERT INTO items SELECT g, 'item ' || g || ' is about topic ' || (g % 97)
-                 FROM generate_series({start}, {end}) g",
-                end = start + 99
-            ),
-        )
-        .await;
-    }
-    for start in (1..=5_000).step_by(100) {
-        exec(
-            &db,
-            &format!(
-                "UPDATE items SET content = 'revised item ' || id
-                 WHERE id BETWEEN {start} AND {end}",
-                end = start + 99
-            ),
-        )
-        .await;
-    }
-    for start in (9_001..=12_000).step_by(100) {
-        exec(
-            &db,
-            &format!(
-                "DELETE FROM items WHERE id BETWEEN {start} AND {end}",
-                end = start + 99
-            ),
-        )
-        .await;
+    let workload = [
+        (
+            1..=12_000,
+            "INSERT INTO items SELECT g, 'item ' || g || ' is about topic ' || (g % 97) \
+             FROM generate_series({start}, {end}) g",
+        ),
+        (
+            1..=5_000,
+            "UPDATE items SET content = 'revised item ' || id WHERE id BETWEEN {start} AND {end}",
+        ),
+        (
+            9_001..=12_000,
+            "DELETE FROM items WHERE id BETWEEN {start} AND {end}",
+        ),
+    ];
+    for (ids, template) in workload {
+        for start in ids.step_by(100) {
+            let sql = template
+                .replace("{start}", &start.to_string())
+                .replace("{end}", &(start + 99).to_string());
+            exec(&db, &sql).await;
+        }
     }
     let end = current_lsn(&db).await;
 

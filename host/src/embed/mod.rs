@@ -2,7 +2,7 @@
 //! trait, so a deployment can pick the in-process model or (later) a remote model server per
 //! pipeline without the plugin runtime or the sinks knowing which.
 
-pub mod minilm;
+mod minilm;
 
 use std::path::PathBuf;
 

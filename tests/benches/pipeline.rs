@@ -36,8 +36,8 @@ const HOST_BIN_VAR: &str = "PGSTREAM_HOST_BIN";
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Row counts of the workloads, divided by `PGSTREAM_BENCH_SCALE` when it is set, and how many
-/// times each drain runs on the standard workload (`PGSTREAM_BENCH_RUNS`, default 2; the best
-/// run is reported).
+/// times each drain runs on the standard workload (`PGSTREAM_BENCH_RUNS`, default 3; the best
+/// and the median run are reported).
 struct Workload {
     runs: usize,
     inserts: i64,
@@ -207,23 +207,29 @@ async fn main() -> Result<()> {
     let big_peak = big_host.peak_rss_kib.unwrap_or(0);
     println!();
     println!(
-        "pipeline throughput ({events} events, best of {} runs each, wall clock from start to exit):",
+        "pipeline throughput ({events} events; best of {} runs each, median in brackets; wall \
+         clock from process start to exit):",
         workload.runs
     );
     println!(
-        "  pg_recvlogical  {:>9.0} events/s  ({:.2} s)",
+        "  pg_recvlogical  {:>9.0} events/s  ({:.0})  {:.2} s",
         best_recvlogical.rate(events),
+        median_rate(&recvlogical_runs, events),
         best_recvlogical.wall.as_secs_f64()
     );
     println!(
-        "  pgstream-host   {:>9.0} events/s  ({:.2} s; {:.2} s from \"streaming\" to \"reached --stop-at-lsn\")",
+        "  pgstream-host   {:>9.0} events/s  ({:.0})  {:.2} s, of which {:.2} s from \"streaming\" \
+         to \"reached --stop-at-lsn\"; host CPU {:.2} s",
         best_host.rate(events),
+        median_rate(&host_runs, events),
         best_host.wall.as_secs_f64(),
-        best_host.streaming.unwrap_or_default().as_secs_f64()
+        best_host.streaming.unwrap_or_default().as_secs_f64(),
+        best_host.cpu.unwrap_or_default().as_secs_f64()
     );
     println!(
-        "  ratio host / pg_recvlogical: {:.2}x (goal >= 0.90x)",
-        best_host.rate(events) / best_recvlogical.rate(events)
+        "  ratio host / pg_recvlogical: {:.2}x best, {:.2}x median (goal >= 0.90x)",
+        best_host.rate(events) / best_recvlogical.rate(events),
+        median_rate(&host_runs, events) / median_rate(&recvlogical_runs, events)
     );
     println!("one transaction of {big_events} inserts (one run each):");
     println!(
@@ -506,6 +512,17 @@ fn line_time(log: &str, marker: &str) -> Option<f64> {
     let minutes: f64 = parts.next()?.parse().ok()?;
     let seconds: f64 = parts.next()?.parse().ok()?;
     Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+/// The median rate of `runs` (the mean of the middle two for an even count).
+fn median_rate(runs: &[Drain], events: u64) -> f64 {
+    let mut rates: Vec<f64> = runs.iter().map(|drain| drain.rate(events)).collect();
+    rates.sort_by(f64::total_cmp);
+    match rates.len() {
+        0 => 0.0,
+        len if len % 2 == 1 => rates[len / 2],
+        len => (rates[len / 2 - 1] + rates[len / 2]) / 2.0,
+    }
 }
 
 fn fastest(runs: &[Drain]) -> Result<&Drain> {

@@ -59,7 +59,7 @@ impl Workload {
             Ok(text) => text
                 .parse()
                 .context("PGSTREAM_BENCH_RUNS is a whole number")?,
-            Err(_) => 2,
+            Err(_) => 3,
         };
         ensure!(runs >= 1, "PGSTREAM_BENCH_RUNS must be at least 1");
         Ok(Workload {

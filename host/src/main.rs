@@ -213,7 +213,13 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-#[tokio::main]
+// One thread runs the pipeline and its replication socket task. With the multi-threaded
+// runtime the pipeline (polled by `block_on` on the main thread) and the socket task (on a
+// worker) sat on different threads, so every chunk read from the socket cost a cross-thread
+// wake-up; under load that became a storm of context switches that halved throughput. Nothing
+// here blocks the thread for long: embedding runs on the embedder's own threads, compiling a
+// plugin on the blocking pool, and a computing guest yields at every epoch tick.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -350,9 +356,12 @@ async fn run(cli: Cli) -> Result<()> {
                 stream: StreamOptions::default(),
                 progress_interval: Duration::from_secs(args.progress_secs.max(1)),
             };
-            // Compiling a plugin that is not in the cache takes seconds of CPU.
+            // Compiling a plugin that is not in the cache takes seconds of CPU: keep it off the
+            // (single) async thread.
             let pipeline =
-                tokio::task::block_in_place(|| Pipeline::new(config, &engine, embedder, sink))?;
+                tokio::task::spawn_blocking(move || Pipeline::new(config, &engine, embedder, sink))
+                    .await
+                    .context("loading the plugin panicked")??;
             let summary = pipeline.run(shutdown_signal()).await?;
             info!(
                 events = summary.events,

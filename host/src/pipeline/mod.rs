@@ -314,13 +314,15 @@ impl Pipeline {
         shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
     ) -> Result<StreamEnd, PipelineError> {
         let config = &self.config;
-        let mut batch_started: Option<Instant> = None;
+        // Whether `batch_deadline` is armed: a batch holds events and waits for more.
+        let mut batch_open = false;
+        // One timer, re-armed once per batch. A fresh `sleep` per received chunk would register
+        // a timer per chunk, and each registration with an earlier deadline than the parked
+        // worker's wakes that worker up: thousands of needless context switches per second.
+        let batch_deadline = sleep(config.batch.max_wait);
+        tokio::pin!(batch_deadline);
         let mut progress = Progress::new(config.progress_interval);
         loop {
-            let wait = match batch_started {
-                Some(started) => config.batch.max_wait.saturating_sub(started.elapsed()),
-                None => Duration::from_secs(3600),
-            };
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {
@@ -329,9 +331,9 @@ impl Pipeline {
                     stream.shutdown().await.ok();
                     return Ok(StreamEnd::Finished);
                 }
-                _ = sleep(wait), if batch_started.is_some() => {
+                _ = &mut batch_deadline, if batch_open => {
                     self.flush(&mut builder, handler, &stream, summary).await?;
-                    batch_started = None;
+                    batch_open = false;
                     continue;
                 }
                 chunk = stream.recv() => chunk,
@@ -356,11 +358,14 @@ impl Pipeline {
                     Step::Confirm(lsn) => confirm(&stream, summary, lsn),
                     Step::BatchFull => {
                         self.flush(&mut builder, handler, &stream, summary).await?;
-                        batch_started = None;
+                        batch_open = false;
                     }
                 }
-                if batch_started.is_none() && !builder.is_empty() {
-                    batch_started = Some(Instant::now());
+                if !batch_open && !builder.is_empty() {
+                    batch_open = true;
+                    batch_deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + config.batch.max_wait);
                 }
                 if let Some(stop) = config.stop_at
                     && builder.reached(stop)

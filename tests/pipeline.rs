@@ -741,3 +741,44 @@ async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
     assert!(status.success(), "{}", host.log());
     assert!(host.log().contains("reconnecting"), "{}", host.log());
 }
+
+/// A handler that never returns or that eats memory is stopped by the limits, retried, and
+/// then stops the host with an error that names the limit; nothing is confirmed.
+async fn runaway_plugin_is_stopped_by_its_limit(plugin: &'static str, expected: &str) {
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    let out = TempDir::new().unwrap();
+    exec(&db, "CREATE TABLE t (id int PRIMARY KEY, content text);").await;
+    let pipeline = Pipeline::new(&db, "t", plugin, Sink::Jsonl(out.path().join("s.jsonl")))
+        .with_args(&[
+            "--embedder",
+            "none",
+            "--call-timeout-ms",
+            "300",
+            "--memory-limit-mb",
+            "32",
+            "--max-attempts",
+            "2",
+            "--retry-backoff-ms",
+            "10",
+        ]);
+    pipeline.setup().await;
+    let before = lsn_bytes(&db).await;
+    exec(&db, "INSERT INTO t VALUES (1, 'x');").await;
+    let mut host = pipeline.run_to_current_lsn().await;
+    let status = host.try_status().unwrap().expect("exited");
+    let log = host.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(expected), "the error names the limit:\n{log}");
+    assert!(log.contains("failed 2 times"), "{log}");
+    assert!(pipeline.confirmed_flush_lsn().await <= before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_plugin_hits_its_time_limit() {
+    runaway_plugin_is_stopped_by_its_limit("loop-handler", "exceeded its time limit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hungry_plugin_hits_its_memory_limit() {
+    runaway_plugin_is_stopped_by_its_limit("memory-hog", "exceeded its memory limit").await;
+}

@@ -154,6 +154,7 @@ impl ReplicationConnection {
                 }
                 .map_err(connect_error)?;
                 stream.set_nodelay(true).map_err(connect_error)?;
+                detect_dead_peers(&stream).map_err(connect_error)?;
                 match (&source.tls, source.ssl_mode) {
                     (Some(tls), mode) if mode != SslMode::Disable => {
                         negotiate_tls(stream, host, tls.clone(), mode, &target).await?
@@ -560,4 +561,19 @@ async fn negotiate_tls(
         .and_then(|certs| certs.first())
         .and_then(|cert| server_end_point_hash(cert));
     Ok((Transport::Tls(Box::new(stream)), end_point_hash))
+}
+
+/// A replication connection is mostly idle in one direction: our status updates reset the
+/// server's keepalive timer, so after a silent network partition (no RST) nothing would notice
+/// the dead peer until the kernel gave up retransmitting, some 15 minutes later. TCP keepalives
+/// and a user timeout bound that to about a minute, after which the pipeline reconnects.
+fn detect_dead_peers(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(30))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(std::time::Duration::from_secs(60)))
 }

@@ -584,12 +584,9 @@ impl StreamTask {
             return Ok(());
         }
         self.write_buf.clear();
-        encode_status_update(
-            &mut self.write_buf,
-            Lsn(self.received.max(flush)),
-            Lsn(flush),
-            false,
-        );
+        // Written = flushed: reporting the received WAL end as written would tell a server
+        // that counted us as a synchronous standby that data is safe which we have not handled.
+        encode_status_update(&mut self.write_buf, Lsn(flush), Lsn(flush), false);
         self.flush_write_buf().await?;
         self.reported_flush = flush;
         Ok(())

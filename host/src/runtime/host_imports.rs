@@ -82,12 +82,27 @@ fn point_key(key: WitPointKey) -> PointKey {
     }
 }
 
+/// Most texts one `embed` call may pass (documented in the WIT).
+pub const MAX_EMBED_TEXTS: usize = 100_000;
+/// Most text bytes one `embed` call may pass (documented in the WIT).
+pub const MAX_EMBED_BYTES: usize = 64 * 1024 * 1024;
+
 /// The `types` interface has no functions; the linker still asks for its (empty) trait.
 impl types::Host for HostState {}
 
 impl Host for HostState {
     async fn embed(&mut self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WitError> {
         let count = texts.len();
+        // The guest's memory limit does not bound what embedding costs the host: an empty
+        // string is 8 bytes in the guest but kilobytes of tokens and vector here. Refusing
+        // oversized calls keeps one plugin from exhausting the process.
+        let bytes: usize = texts.iter().map(String::len).sum();
+        if count > MAX_EMBED_TEXTS || bytes > MAX_EMBED_BYTES {
+            return Err(wit_error(format!(
+                "embed called with {count} texts ({bytes} bytes); at most {MAX_EMBED_TEXTS} texts \
+                 and {MAX_EMBED_BYTES} bytes per call"
+            )));
+        }
         let result = self.outside_guest_time(self.imports.embed(texts)).await;
         match result {
             Ok(vectors) if vectors.len() == count => Ok(vectors),

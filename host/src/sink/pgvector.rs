@@ -72,12 +72,13 @@ impl PgVectorSink {
             .collect();
         let statement = format!(
             "INSERT INTO {table} AS t (source_schema, source_table, source_key, embedding, payload)
-             SELECT s, tb, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), e, p::jsonb
+             SELECT s, tb, {key_k}, e, p::jsonb
              FROM unnest($1::text[], $2::text[], $3::text[], $4::vector[], $5::text[])
                   AS x(s, tb, k, e, p)
              ON CONFLICT (source_schema, source_table, source_key) DO UPDATE
              SET embedding = EXCLUDED.embedding, payload = EXCLUDED.payload, updated_at = now()",
-            table = self.qualified
+            table = self.qualified,
+            key_k = key_array("k")
         );
         transaction
             .execute(
@@ -108,8 +109,9 @@ impl PgVectorSink {
             "UPDATE {table} AS t SET payload = x.p::jsonb, updated_at = now()
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(s, tb, k, p)
              WHERE t.source_schema = x.s AND t.source_table = x.tb
-               AND t.source_key = ARRAY(SELECT jsonb_array_elements_text(x.k::jsonb))",
-            table = self.qualified
+               AND t.source_key = {key_x_k}",
+            table = self.qualified,
+            key_x_k = key_array("x.k")
         );
         let updated = transaction
             .execute(
@@ -203,6 +205,15 @@ impl<'a> PointColumns<'a> {
             payloads: points.iter().map(|p| p.payload.as_str()).collect(),
         }
     }
+}
+
+/// SQL turning a key sent as a JSON array of strings (see [`PointColumns::keys`]) back into
+/// the `text[]` stored in `source_key`, elements in their original order.
+fn key_array(json_column: &str) -> String {
+    format!(
+        "ARRAY(SELECT part FROM jsonb_array_elements_text({json_column}::jsonb) \
+         WITH ORDINALITY AS parts(part, position) ORDER BY position)"
+    )
 }
 
 fn key_json(key: &PointKey) -> String {
@@ -341,8 +352,9 @@ impl Sink for PgVectorSink {
             "DELETE FROM {table} AS t
              USING unnest($1::text[], $2::text[], $3::text[]) AS x(s, tb, k)
              WHERE t.source_schema = x.s AND t.source_table = x.tb
-               AND t.source_key = ARRAY(SELECT jsonb_array_elements_text(x.k::jsonb))",
-            table = self.qualified
+               AND t.source_key = {key_x_k}",
+            table = self.qualified,
+            key_x_k = key_array("x.k")
         );
         client
             .execute(

@@ -1200,3 +1200,26 @@ async fn measure_stream_throughput() -> Result<()> {
     stream.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_connections_carry_the_statement_timeout_and_keep_dsn_options() -> Result<()> {
+    let Some(pg) = shared() else { return Ok(()) };
+    let db = pg.create_database("pool").await;
+    let source = SourceConfig::from_dsn(&pg.dsn("postgres", &db, "options='-c work_mem=7MB'"))?;
+    let pool = source.pool(2, Duration::from_millis(1500))?;
+    let client = pool.get().await?;
+    let timeout: String = client
+        .query_one("SHOW statement_timeout", &[])
+        .await?
+        .get(0);
+    assert_eq!(timeout, "1500ms");
+    let work_mem: String = client.query_one("SHOW work_mem", &[]).await?.get(0);
+    assert_eq!(work_mem, "7MB", "options from the DSN are kept");
+    let slow = client.execute("SELECT pg_sleep(5)", &[]).await;
+    let error = slow.expect_err("the statement timeout stops a stuck write");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    Ok(())
+}

@@ -22,6 +22,10 @@ use super::host_imports::{HostImports, HostState};
 use super::instance::HandlerInstance;
 use super::limits::{CallClock, GuestLimiter, Limits};
 
+/// Slack beyond the call timeout for instantiating a component (mapping its memories and
+/// running its start code).
+const INSTANTIATE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A compiled handler component, ready to instantiate. Cheap to clone.
 #[derive(Clone)]
 pub struct Plugin {
@@ -134,12 +138,18 @@ impl Plugin {
         };
         clock.start_call();
         store.set_epoch_deadline(1);
-        let instance = self
-            .inner
-            .instance_pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(instantiate_error)?;
+        // Epoch ticks only stop running wasm code: start code blocked in a WASI poll or sleep
+        // would hang here, so the whole instantiation is bounded too.
+        let limit = limits.call_timeout + INSTANTIATE_GRACE;
+        let instance =
+            tokio::time::timeout(limit, self.inner.instance_pre.instantiate_async(&mut store))
+                .await
+                .map_err(|_| {
+                    instantiate_error(wasmtime::format_err!(
+                        "start code did not finish within {limit:?}"
+                    ))
+                })?
+                .map_err(instantiate_error)?;
 
         let mismatch = |e: wasmtime::Error| RuntimeError::WorldMismatch {
             path: self.inner.path.clone(),

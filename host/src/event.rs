@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::lsn::Lsn;
 
@@ -30,9 +31,9 @@ pub enum Value {
     Null,
     /// A TOASTed value the UPDATE did not touch; Postgres did not send it.
     Unchanged,
-    /// The value in Postgres' text format. The bytes are valid UTF-8: build it with
-    /// [`Value::text`].
-    Text(Bytes),
+    /// The value in Postgres' text format: still a slice of the replication frame, checked
+    /// as UTF-8 once when the event was built.
+    Text(ByteString),
 }
 
 impl Value {
@@ -40,15 +41,13 @@ impl Value {
     /// which logical replication requires to be UTF-8 for the `pgoutput` text format to reach
     /// us intact; anything else is reported, never passed on garbled).
     pub fn text(bytes: Bytes) -> Result<Value, std::str::Utf8Error> {
-        std::str::from_utf8(&bytes)?;
-        Ok(Value::Text(bytes))
+        ByteString::try_from(bytes).map(Value::Text)
     }
 
     /// The text, if this is a text value.
     pub fn as_str(&self) -> Option<&str> {
         match self {
-            // Checked in `Value::text`; re-checking is cheap and keeps this free of `unsafe`.
-            Value::Text(bytes) => std::str::from_utf8(bytes).ok(),
+            Value::Text(text) => Some(text),
             Value::Null | Value::Unchanged => None,
         }
     }

@@ -61,8 +61,8 @@ pub enum RuntimeError {
 
 /// One `handle` call failed.
 ///
-/// After [`HandleError::GuestError`] or [`HandleError::InvalidEvent`] the instance may be
-/// called again; after any other variant it is poisoned (see [`HandleError::is_poisoned`]) and must be dropped and replaced
+/// After [`HandleError::GuestError`] the instance may be called again; after any other
+/// variant it is poisoned (see [`HandleError::is_poisoned`]) and must be dropped and replaced
 /// by a fresh instance, since the guest's memory may be in any state.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -88,9 +88,6 @@ pub enum HandleError {
         /// The limit in bytes.
         limit: usize,
     },
-    /// An event could not be passed to the guest; the instance is untouched.
-    #[error("cannot pass the batch to the handler")]
-    InvalidEvent(#[source] super::InvalidText),
     /// The instance was poisoned by an earlier failure and must be replaced.
     #[error("handler instance is poisoned by an earlier failure; instantiate a new one")]
     Poisoned,
@@ -98,11 +95,8 @@ pub enum HandleError {
 
 impl HandleError {
     /// Whether the instance that returned this error must be dropped: true for everything but
-    /// [`HandleError::GuestError`] and [`HandleError::InvalidEvent`].
+    /// [`HandleError::GuestError`].
     pub fn is_poisoned(&self) -> bool {
-        !matches!(
-            self,
-            HandleError::GuestError(_) | HandleError::InvalidEvent(_)
-        )
+        !matches!(self, HandleError::GuestError(_))
     }
 }

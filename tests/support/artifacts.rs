@@ -19,6 +19,9 @@ pub const PG15_BIN_VAR: &str = "PGSTREAM_PG15_BIN";
 pub const MODEL_DIR_VAR: &str = "PGSTREAM_MODEL_DIR";
 /// Names the environment variable that, when set, overrides where guest components are found.
 pub const PLUGIN_DIR_VAR: &str = "PGSTREAM_PLUGIN_DIR";
+/// Names the environment variable that, when set, names the host binary to test instead of the
+/// one next to the test binary (used when several checkouts share one target directory).
+pub const HOST_BIN_VAR: &str = "PGSTREAM_HOST_BIN";
 
 /// The workspace root (the parent of this crate's folder).
 pub fn workspace_root() -> PathBuf {
@@ -104,10 +107,13 @@ fn target_dirs() -> (PathBuf, PathBuf) {
 ///
 /// Panics when it is missing or older than the host sources: cargo does not build another
 /// package's binaries for these tests, and silently testing a stale binary would mislead.
-/// `make test` builds it first; by hand: `cargo build -p pgstream-host`.
+/// `make test` builds it first; by hand: `cargo build -p pgstream-host`. `PGSTREAM_HOST_BIN`
+/// names another binary, checked the same way.
 pub fn host_binary() -> PathBuf {
-    let (_, profile_dir) = target_dirs();
-    let binary = profile_dir.join("pgstream-host");
+    let binary = match std::env::var_os(HOST_BIN_VAR) {
+        Some(path) => PathBuf::from(path),
+        None => target_dirs().1.join("pgstream-host"),
+    };
     let built = std::fs::metadata(&binary)
         .and_then(|meta| meta.modified())
         .unwrap_or_else(|_| {

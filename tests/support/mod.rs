@@ -18,8 +18,8 @@ mod wait;
 mod watchdog;
 
 pub use artifacts::{
-    MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, host_binary, model_dir, plugin_dir,
-    plugin_path, setting, workspace_root,
+    HOST_BIN_VAR, MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, host_binary,
+    model_dir, plugin_dir, plugin_path, setting, workspace_root,
 };
 pub use host_process::HostProcess;
 pub use postgres::{PgServer, PgVersion, SUPERUSER, TestDb};

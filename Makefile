@@ -44,6 +44,7 @@ WASM_DIR := $(TARGET_DIR)/wasm
 # the tests find the toolchains too.
 LANG_GUESTS :=
 LANG_TOOL_ENVS :=
+include mk/node-tools.mk
 -include mk/python.mk mk/js.mk mk/c.mk
 
 setup: $(TEST_ENV) wasm-target

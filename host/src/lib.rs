@@ -25,4 +25,5 @@ pub mod pipeline;
 pub mod point;
 pub mod replication;
 pub mod runtime;
+pub mod scaffold;
 pub mod sink;

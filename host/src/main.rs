@@ -2,7 +2,7 @@
 //! environment variable), builds one pipeline from them and runs it, or runs one of the
 //! maintenance commands (`setup`, `check`, `teardown`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use pgstream_host::lsn::Lsn;
 use pgstream_host::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
 use pgstream_host::replication::{self, SourceConfig, StreamOptions, TableName};
 use pgstream_host::runtime::{EngineOptions, Limits, PluginEngine};
+use pgstream_host::scaffold::{self, Language};
 use pgstream_host::sink::{JsonLinesSink, PgVectorSink, Sink};
 use tracing::{error, info};
 
@@ -34,6 +35,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Pipeline(PipelineCommand),
+    /// Write a ready-to-build handler project into the folder NAME.
+    New {
+        /// The language to write the handler in.
+        #[arg(long, value_enum)]
+        lang: LanguageArg,
+        /// Project name (lowercase, dashes allowed): the folder, the package and `NAME.wasm`.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PipelineCommand {
     /// Run the pipeline (the default).
     Run,
     /// Create the publication and replication slot, then exit (idempotent). Changes made from
@@ -51,6 +66,29 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         limit: i64,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LanguageArg {
+    /// Rust with the pgstream-guest SDK (cargo, wasm32-wasip2).
+    Rust,
+    /// Python (componentize-py).
+    Python,
+    /// JavaScript or TypeScript (jco, componentize-js).
+    Js,
+    /// C (wit-bindgen c, zig cc).
+    C,
+}
+
+impl From<LanguageArg> for Language {
+    fn from(language: LanguageArg) -> Language {
+        match language {
+            LanguageArg::Rust => Language::Rust,
+            LanguageArg::Python => Language::Python,
+            LanguageArg::Js => Language::Js,
+            LanguageArg::C => Language::C,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -241,7 +279,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let args = cli.args;
+    match cli.command {
+        Some(Command::New { lang, name }) => new_project(lang.into(), &name),
+        Some(Command::Pipeline(command)) => run_pipeline_command(command, cli.args).await,
+        None => run_pipeline_command(PipelineCommand::Run, cli.args).await,
+    }
+}
+
+/// The commands that work on a source database and its pipeline.
+async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()> {
     let dsn = args
         .dsn
         .clone()
@@ -261,8 +307,8 @@ async fn run(cli: Cli) -> Result<()> {
         .map(|table| table.parse::<TableName>())
         .collect::<Result<Vec<_>, _>>()?;
 
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Setup => {
+    match command {
+        PipelineCommand::Setup => {
             require_tables(&tables)?;
             let client = source.connect_sql().await?;
             replication::preflight(&client, &tables).await?;
@@ -288,20 +334,20 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Check => {
+        PipelineCommand::Check => {
             require_tables(&tables)?;
             let client = source.connect_sql().await?;
             replication::preflight(&client, &tables).await?;
             println!("{}: ready for logical replication", source.display());
             Ok(())
         }
-        Command::Teardown => {
+        PipelineCommand::Teardown => {
             let client = source.connect_sql().await?;
             replication::teardown(&client, &slot, &publication).await?;
             println!("dropped slot {slot} and publication {publication}");
             Ok(())
         }
-        Command::Search { query, limit } => {
+        PipelineCommand::Search { query, limit } => {
             require_tables(&tables)?;
             let embedder = build_embedder(&args)?;
             let collection = collection_table(&args, &tables[0])?;
@@ -321,7 +367,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run => {
+        PipelineCommand::Run => {
             require_tables(&tables)?;
             let plugin = args
                 .plugin
@@ -373,6 +419,30 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `pgstream-host new`: writes the project and says how to build and run it.
+fn new_project(language: Language, name: &str) -> Result<()> {
+    let folder = PathBuf::from(name);
+    let files = scaffold::create(language, name, &folder)?;
+    println!(
+        "created {} ({language} handler, {} files)",
+        folder.display(),
+        files.len()
+    );
+    println!("next:");
+    println!("  cd {name}");
+    let has = |path: &str| files.iter().any(|file| file.path == Path::new(path));
+    let build = if has("build.sh") {
+        "./build.sh"
+    } else {
+        "make"
+    };
+    println!("  {build}    # README.md lists the tools it needs");
+    println!(
+        "  pgstream-host --dsn postgresql://user:pass@localhost/db --table docs --plugin {name}.wasm"
+    );
+    Ok(())
 }
 
 fn require_tables(tables: &[TableName]) -> Result<()> {

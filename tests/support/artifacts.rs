@@ -122,8 +122,9 @@ pub fn host_binary() -> PathBuf {
                 binary.display()
             )
         });
-    // The binary embeds the WIT contract as well as the host sources.
-    for sources in ["host", "wit"] {
+    // The binary embeds the WIT contract, the project templates and the guest SDK sources
+    // (for `new`) as well as the host sources.
+    for sources in ["host", "wit", "templates", "guest-sdk/src"] {
         let dir = workspace_root().join(sources);
         if let Some(newest) = newest_modification(&dir) {
             assert!(

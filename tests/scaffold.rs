@@ -1,0 +1,184 @@
+//! `pgstream-host new` as a new user meets it: an empty folder, one command, the project's own
+//! build script, and events arriving. For every language the generated project must build on
+//! the first try with the toolchains `make setup` installed, load in the host, and embed and
+//! upsert the rows written to a real Postgres.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use pgstream_e2e::{HostProcess, PgServer, PgVersion, model_dir, plugin_dir, setting};
+use serde_json::Value as Json;
+use tempfile::TempDir;
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Generates one test per language `new` supports.
+macro_rules! for_every_language {
+    ($($language:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $language() {
+            super::new_project_builds_and_handles_events(stringify!($language)).await;
+        }
+    )*};
+}
+
+mod new_project_builds_and_handles_events {
+    for_every_language!(rust);
+}
+
+/// The environment a project's build script gets: the toolchains `make setup` installed,
+/// named by the variables each template's README documents.
+fn build_environment(language: &str) -> Vec<(String, String)> {
+    let mut environment = Vec::new();
+    if language == "rust" {
+        // Shares compiled dependencies (wit-bindgen) with `make guests`.
+        let target = plugin_dir()
+            .parent()
+            .map(|target| target.join("guests"))
+            .expect("the plugin folder lives in the target folder");
+        environment.push(("CARGO_TARGET_DIR".into(), target.display().to_string()));
+    }
+    for (variable, setting_name) in tool_settings(language) {
+        let value = setting(setting_name)
+            .unwrap_or_else(|| panic!("{setting_name} is not set: run `make setup`"));
+        environment.push(((*variable).to_owned(), value));
+    }
+    environment
+}
+
+/// (variable the build script reads, test setting that names the installed tool).
+fn tool_settings(language: &str) -> &'static [(&'static str, &'static str)] {
+    match language {
+        "rust" => &[],
+        other => panic!("no toolchain known for {other}"),
+    }
+}
+
+/// Runs the project's build script (`build.sh`, or `make` where the project has a Makefile).
+fn build(project: &Path, language: &str) -> PathBuf {
+    let mut command = if project.join("build.sh").is_file() {
+        Command::new(project.join("build.sh"))
+    } else {
+        let mut make = Command::new("make");
+        make.arg("-C").arg(project);
+        make
+    };
+    command
+        .current_dir(project)
+        .envs(build_environment(language));
+    let output = command.output().expect("run the build script");
+    assert!(
+        output.status.success(),
+        "the {language} project does not build:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let name = project.file_name().unwrap().to_string_lossy();
+    let component = project.join(format!("{name}.wasm"));
+    assert!(
+        component.is_file(),
+        "the build script did not write {}",
+        component.display()
+    );
+    component
+}
+
+async fn run_host(args: &[String]) -> HostProcess {
+    let mut host = HostProcess::start(args).expect("start the host");
+    let status = host.wait_timeout(TIMEOUT).await.expect("the host exits");
+    assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    host
+}
+
+async fn new_project_builds_and_handles_events(language: &str) {
+    let workspace = TempDir::new().unwrap();
+    let name = format!("{language}-starter");
+    // `new` writes into the current folder: run it from the empty one.
+    let output = Command::new(pgstream_e2e::host_binary())
+        .args(["new", "--lang", language, &name])
+        .current_dir(workspace.path())
+        .output()
+        .expect("run pgstream-host new");
+    assert!(
+        output.status.success(),
+        "new failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let project = workspace.path().join(&name);
+    let component = build(&project, language);
+
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    db.client()
+        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY, title text, content text);")
+        .await
+        .unwrap();
+    let sink = workspace.path().join("points.jsonl");
+    let mut args: Vec<String> = [
+        "--dsn",
+        db.dsn(),
+        "--table",
+        "docs",
+        "--plugin",
+        &component.display().to_string(),
+        "--name",
+        &db.unique_name("starter"),
+        "--sink",
+        "jsonl",
+        "--collection",
+        &sink.display().to_string(),
+        "--model-dir",
+        &model_dir().display().to_string(),
+        "--batch-wait-ms",
+        "20",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    let mut setup = vec!["setup".to_owned()];
+    setup.extend(args.iter().cloned());
+    run_host(&setup).await;
+    db.client()
+        .batch_execute(
+            "INSERT INTO docs VALUES (1, 'tea', 'Steep green tea for two minutes.'),
+                                     (2, 'bread', 'Bake sourdough bread.'),
+                                     (3, 'gone', 'Deleted right away.');
+             DELETE FROM docs WHERE id = 3;",
+        )
+        .await
+        .unwrap();
+    let lsn: String = db
+        .client()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    args.extend(["--stop-at-lsn".to_owned(), lsn]);
+    run_host(&args).await;
+
+    let lines: Vec<Json> = std::fs::read_to_string(&sink)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    // Replay the writes in order: what would a store hold now?
+    let mut stored = std::collections::BTreeMap::new();
+    for line in &lines {
+        let key = line["key"].clone();
+        match line["op"].as_str() {
+            Some("upsert") => {
+                let vector = line["vector"].as_array().expect("a vector");
+                assert_eq!(vector.len(), 384, "MiniLM vectors: {line}");
+                assert!(line["payload"].get("content").is_none(), "{line}");
+                stored.insert(key.to_string(), line["payload"].clone());
+            }
+            Some("delete") => {
+                stored.remove(&key.to_string());
+            }
+            _ => panic!("unexpected write {line}"),
+        }
+    }
+    let keys: Vec<&String> = stored.keys().collect();
+    assert_eq!(keys, [r#"["1"]"#, r#"["2"]"#], "{lines:#?}");
+    assert_eq!(stored[r#"["1"]"#]["title"], "tea");
+}

@@ -3,7 +3,8 @@
 #   make setup        install what the tests need into .cache/ (idempotent, instant when done)
 #   make demo         run the pipeline end to end on a throwaway Postgres and show a search
 #   make test         setup, build the guest components and the host, run every test
-#   make bench        throughput against pg_recvlogical, peak memory, decoder speed (release)
+#   make bench        throughput vs pg_recvlogical and vs the raw embedder, per-language
+#                     handler cost, peak memory, decoder speed (release)
 #   make lint         rustfmt check and clippy with warnings as errors
 #   make clean-cache  forget everything installed into .cache/
 #
@@ -111,14 +112,21 @@ demo: setup guests
 	source $(TEST_ENV) && HOST_BIN=$(HOST_BIN) PLUGIN=$(TARGET_DIR)/wasm/embed-handler.wasm \
 		bash examples/demo.sh
 
-# Not part of `make test`: it needs the release host and a few minutes. The pipeline bench
-# (tests/benches/pipeline.rs) drains one WAL stream with pg_recvlogical and with the host and
-# prints both rates, their ratio and the host's peak RSS; then the decoder's own figure.
-# `cargo bench` builds into the release profile, where the bench looks for the host binary.
+# Not part of `make test`: it needs the release host and several minutes. Each bench prints its
+# figures next to a reference measured in the same run:
+#   pipeline   drains one WAL stream with pg_recvlogical and with the host (noop handler):
+#              both rates, their ratio, the host's peak RSS (tests/benches/pipeline.rs)
+#   embedding  the pipeline with the real model into each sink, against the raw embedder
+#   languages  size, cold start and throughput of the no-op handler per language, against Rust
+#   decoder    the pgoutput decoder alone (criterion)
+# `cargo bench` builds into the release profile, where the benches look for the host binary.
+BENCH_ENV = PGSTREAM_PLUGIN_DIR=$(WASM_DIR) PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN)
+
 bench: setup guests
 	cargo build --release -p pgstream-host --bin pgstream-host
-	source $(TEST_ENV) && PGSTREAM_PLUGIN_DIR=$(TARGET_DIR)/wasm PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN) \
-		cargo bench -p pgstream-e2e --bench pipeline
+	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench pipeline
+	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench embedding
+	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench languages
 	cargo bench -p pgstream-host --bench decoder
 
 lint:

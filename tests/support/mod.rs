@@ -11,6 +11,7 @@
 //!   and cargo built or installed.
 
 mod artifacts;
+pub mod drain;
 mod host_process;
 mod installation;
 mod postgres;

@@ -68,9 +68,9 @@ enum SinkKind {
 enum EmbedderKind {
     /// all-MiniLM-L6-v2 (384 dimensions), run in-process.
     Minilm,
-    /// An OpenAI-compatible server (OpenAI, Azure OpenAI, Ollama, vLLM, text-embeddings-
-    /// inference, LM Studio); see the --openai-* flags. The API key is read from
-    /// PGSTREAM_OPENAI_API_KEY, else OPENAI_API_KEY.
+    /// An OpenAI-compatible server (OpenAI, Azure OpenAI, Ollama, vLLM, TEI, LM Studio); see
+    /// the --openai-* flags. The API key is read from PGSTREAM_OPENAI_API_KEY, else
+    /// OPENAI_API_KEY.
     Openai,
     /// No embedder: a handler that calls `embed` gets an error (for handlers that do not embed).
     None,
@@ -140,7 +140,7 @@ struct Args {
     dimensions: Option<usize>,
 
     /// OpenAI-compatible server root; requests go to <url>/v1/embeddings (a trailing /v1 is
-    /// accepted). Azure OpenAI: https://RESOURCE.openai.azure.com/openai; Ollama:
+    /// accepted). Azure OpenAI: https://RESOURCE.openai.azure.com/openai/v1; Ollama:
     /// http://localhost:11434.
     #[arg(long, env = "PGSTREAM_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL, global = true)]
     openai_base_url: String,

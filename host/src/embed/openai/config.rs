@@ -77,8 +77,8 @@ pub struct OpenAiConfig {
     /// Most texts in one request.
     pub max_inputs_per_request: usize,
     /// Most estimated tokens in one request; a text is estimated at one token per 4 bytes of
-    /// UTF-8, rounded up (see [`estimated_tokens`](super::estimated_tokens)). A single text
-    /// above the limit still goes, alone; the server decides whether it fits the model.
+    /// UTF-8, rounded up (at least 1). A single text above the limit still goes, alone; the
+    /// server decides whether it fits the model.
     pub max_tokens_per_request: usize,
     /// Most requests in flight at once, across every `embed` call sharing this embedder.
     pub max_concurrent_requests: usize,
@@ -156,7 +156,7 @@ fn endpoint_url(base_url: &str) -> Result<Url, EmbedError> {
     if base.query().is_some() || base.fragment().is_some() {
         return Err(invalid(
             "the base URL must not have a query or fragment; give the server root, e.g. \
-             https://RESOURCE.openai.azure.com/openai for Azure OpenAI"
+             https://RESOURCE.openai.azure.com/openai/v1 for Azure OpenAI"
                 .into(),
         ));
     }

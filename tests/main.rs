@@ -6,5 +6,6 @@
 
 mod cli;
 mod harness;
+mod openai;
 mod pipeline;
 mod scaffold;

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions, default_model_dir};
+use pgstream_host::embed::{
+    ApiKey, DEFAULT_BASE_URL, DEFAULT_MODEL, Embedder, MiniLmEmbedder, MiniLmOptions, OpenAiConfig,
+    OpenAiEmbedder, default_model_dir,
+};
 use pgstream_host::lsn::Lsn;
 use pgstream_host::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
 use pgstream_host::replication::{self, SourceConfig, StreamOptions, TableName};
@@ -103,6 +106,10 @@ enum SinkKind {
 enum EmbedderKind {
     /// all-MiniLM-L6-v2 (384 dimensions), run in-process.
     Minilm,
+    /// An OpenAI-compatible server (OpenAI, Azure OpenAI, Ollama, vLLM, TEI, LM Studio); see
+    /// the --openai-* flags. The API key is read from PGSTREAM_OPENAI_API_KEY, else
+    /// OPENAI_API_KEY.
+    Openai,
     /// No embedder: a handler that calls `embed` gets an error (for handlers that do not embed).
     None,
 }
@@ -164,14 +171,40 @@ struct Args {
     #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true)]
     embed_threads: usize,
 
-    /// Vector size when --embedder none.
-    #[arg(
-        long,
-        env = "PGSTREAM_DIMENSIONS",
-        default_value_t = 384,
-        global = true
-    )]
-    dimensions: usize,
+    /// Vector size. With --embedder none: the size the sink is prepared for [default: 384].
+    /// With --embedder openai: the `dimensions` sent to models that can shorten their vectors
+    /// (text-embedding-3-*) [default: the model's own size, asked with one request at start].
+    #[arg(long, env = "PGSTREAM_DIMENSIONS", global = true)]
+    dimensions: Option<usize>,
+
+    /// OpenAI-compatible server root; requests go to <url>/v1/embeddings (a trailing /v1 is
+    /// accepted). Azure OpenAI: https://RESOURCE.openai.azure.com/openai/v1; Ollama:
+    /// http://localhost:11434.
+    #[arg(long, env = "PGSTREAM_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL, global = true)]
+    openai_base_url: String,
+
+    /// Model name sent to the OpenAI-compatible server (Azure OpenAI: the deployment name).
+    #[arg(long, env = "PGSTREAM_OPENAI_MODEL", default_value = DEFAULT_MODEL, global = true)]
+    openai_model: String,
+
+    /// Most texts per embeddings request (OpenAI allows 2048; text-embeddings-inference 32
+    /// unless started with a larger --max-client-batch-size).
+    #[arg(long, env = "PGSTREAM_OPENAI_MAX_INPUTS", default_value_t = openai_defaults().max_inputs_per_request, global = true)]
+    openai_max_inputs: usize,
+
+    /// Most estimated tokens (UTF-8 bytes / 4) per embeddings request (OpenAI allows 300,000
+    /// real tokens; the default leaves room for the estimate being low).
+    #[arg(long, env = "PGSTREAM_OPENAI_MAX_TOKENS", default_value_t = openai_defaults().max_tokens_per_request, global = true)]
+    openai_max_tokens: usize,
+
+    /// Most embeddings requests in flight at once.
+    #[arg(long, env = "PGSTREAM_OPENAI_CONCURRENCY", default_value_t = openai_defaults().max_concurrent_requests, global = true)]
+    openai_concurrency: usize,
+
+    /// Longest one embeddings request may take, in milliseconds; a request that times out is
+    /// retried.
+    #[arg(long, env = "PGSTREAM_OPENAI_TIMEOUT_MS", default_value_t = openai_defaults().request_timeout.as_millis() as u64, global = true)]
+    openai_timeout_ms: u64,
 
     /// Most events per handler call.
     #[arg(
@@ -245,6 +278,11 @@ struct Args {
         global = true
     )]
     progress_secs: u64,
+}
+
+/// The embedder's own defaults, shown by `--help`.
+fn openai_defaults() -> OpenAiConfig {
+    OpenAiConfig::new(DEFAULT_BASE_URL, DEFAULT_MODEL)
 }
 
 fn default_threads() -> usize {
@@ -349,7 +387,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
         }
         PipelineCommand::Search { query, limit } => {
             require_tables(&tables)?;
-            let embedder = build_embedder(&args)?;
+            let embedder = build_embedder(&args).await?;
             let collection = collection_table(&args, &tables[0])?;
             let sink_source = SourceConfig::from_dsn(args.sink_dsn.as_deref().unwrap_or(&dsn))?;
             let vector = embedder
@@ -373,7 +411,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                 .plugin
                 .clone()
                 .context("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN")?;
-            let embedder = build_embedder(&args)?;
+            let embedder = build_embedder(&args).await?;
             let sink = build_sink(&args, &dsn, &tables[0])?;
             let engine = PluginEngine::new(EngineOptions {
                 cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
@@ -452,7 +490,7 @@ fn require_tables(tables: &[TableName]) -> Result<()> {
     Ok(())
 }
 
-fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
+async fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
     match args.embedder {
         EmbedderKind::Minilm => {
             let dir = args.model_dir.clone().or_else(default_model_dir).context(
@@ -468,8 +506,20 @@ fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
             )?;
             Ok(Arc::new(embedder))
         }
+        EmbedderKind::Openai => {
+            let config = OpenAiConfig {
+                api_key: ApiKey::from_env(),
+                dimensions: args.dimensions,
+                request_timeout: Duration::from_millis(args.openai_timeout_ms),
+                max_inputs_per_request: args.openai_max_inputs,
+                max_tokens_per_request: args.openai_max_tokens,
+                max_concurrent_requests: args.openai_concurrency,
+                ..OpenAiConfig::new(&args.openai_base_url, &args.openai_model)
+            };
+            Ok(Arc::new(OpenAiEmbedder::connect(config).await?))
+        }
         EmbedderKind::None => Ok(Arc::new(pgstream_host::embed::NoEmbedder::new(
-            args.dimensions,
+            args.dimensions.unwrap_or(384),
         ))),
     }
 }

@@ -7,6 +7,8 @@
 //!   [`TestDb`] of its own.
 //! - [`HostProcess`] runs `pgstream-host` with its output captured, and stops or kills it.
 //! - [`wait_until`] and [`wait_for`] poll for eventual outcomes.
+//! - [`OpenAiServer`] is a fake OpenAI embeddings endpoint on a local port, with deterministic
+//!   vectors, a record of every request, and failures on demand.
 //! - [`host_binary`], [`plugin_path`] and [`model_dir`] find what `make setup`, `make guests`
 //!   and cargo built or installed.
 
@@ -14,6 +16,7 @@ mod artifacts;
 pub mod drain;
 mod host_process;
 mod installation;
+mod openai_server;
 mod postgres;
 mod wait;
 mod watchdog;
@@ -23,5 +26,6 @@ pub use artifacts::{
     model_dir, plugin_dir, plugin_path, setting, workspace_root,
 };
 pub use host_process::HostProcess;
+pub use openai_server::{OpenAiServer, RecordedRequest};
 pub use postgres::{PgServer, PgVersion, SUPERUSER, TestDb};
 pub use wait::{wait_for, wait_until};

@@ -1,14 +1,20 @@
 //! Embedders turn texts into vectors. The pipeline reaches them only through the [`Embedder`]
-//! trait, so a deployment can pick the in-process model or (later) a remote model server per
-//! pipeline without the plugin runtime or the sinks knowing which.
+//! trait, so a deployment can pick the in-process model ([`MiniLmEmbedder`]) or a remote
+//! OpenAI-compatible server ([`OpenAiEmbedder`]) per pipeline without the plugin runtime or the
+//! sinks knowing which.
 
 mod minilm;
+mod openai;
 
 use std::path::PathBuf;
 
 use async_trait::async_trait;
 
 pub use minilm::{MiniLmEmbedder, MiniLmOptions, default_model_dir};
+pub use openai::{
+    API_KEY_ENV, ApiKey, DEFAULT_BASE_URL, DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
+    OpenAiEmbedder, RetryPolicy as OpenAiRetryPolicy,
+};
 
 /// An error from a model runtime or tokenizer, kept as the `source` of an [`EmbedError`] so
 /// this module does not tie its public API to one inference library.
@@ -44,13 +50,69 @@ pub enum EmbedError {
     /// The worker thread that ran the model panicked or was cancelled.
     #[error("the embedding worker stopped before finishing")]
     Worker(#[source] tokio::task::JoinError),
+    /// The embedder's settings cannot work (a malformed base URL, a zero limit, ...).
+    #[error("invalid embedder configuration: {reason}")]
+    Config {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// The embedding server could not be reached, timed out, was rate-limiting or failing
+    /// (429, 5xx) on every try. It may recover: the call can be repeated later.
+    #[error("embedding server {endpoint} unavailable after {attempts} tries: {reason}")]
+    Unavailable {
+        /// The URL requests went to.
+        endpoint: String,
+        /// How many requests were sent.
+        attempts: u32,
+        /// What the last try ran into.
+        reason: String,
+        /// The transport error of the last try, if it was one.
+        #[source]
+        source: Option<ModelError>,
+    },
+    /// The embedding server refused the request (a 4xx other than 408 and 429, or a 429 for
+    /// an exhausted quota); sending it again will not help.
+    #[error("embedding server {endpoint} rejected the request with HTTP {status}: {message}")]
+    Rejected {
+        /// The URL the request went to.
+        endpoint: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's own message (with the API key scrubbed out).
+        message: String,
+    },
+    /// The embedding server answered 2xx with something that is not a valid embeddings
+    /// response for the request (wrong count, bad index, not JSON, too large).
+    #[error("embedding server {endpoint} sent an unusable answer: {reason}")]
+    InvalidResponse {
+        /// The URL the request went to.
+        endpoint: String,
+        /// What was wrong with the answer.
+        reason: String,
+    },
+    /// A vector had another length than the embedder reports, which the sink was prepared
+    /// for; mixing sizes would corrupt the index.
+    #[error(
+        "model {model} returned a vector of {actual} dimensions, expected {expected}; \
+         if the model changed, write to a new collection (or set --dimensions to what the \
+         collection holds, for models that can shorten vectors)"
+    )]
+    DimensionMismatch {
+        /// The model asked.
+        model: String,
+        /// The size the embedder reports.
+        expected: usize,
+        /// The size received.
+        actual: usize,
+    },
 }
 
 impl EmbedError {
-    /// Whether trying the same call again may succeed. An in-process model is deterministic, so
-    /// none of its failures go away by themselves.
+    /// Whether trying the same call again may succeed: only when a remote server was
+    /// unavailable. An in-process model is deterministic, and a request a server rejected or
+    /// answered wrongly gets the same treatment next time.
     pub fn is_retryable(&self) -> bool {
-        false
+        matches!(self, EmbedError::Unavailable { .. })
     }
 }
 

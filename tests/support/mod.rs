@@ -7,6 +7,8 @@
 //!   [`TestDb`] of its own.
 //! - [`HostProcess`] runs `pgstream-host` with its output captured, and stops or kills it.
 //! - [`wait_until`] and [`wait_for`] poll for eventual outcomes.
+//! - [`FakeQdrant`] serves Qdrant's gRPC API in process, for the Qdrant sink's tests and
+//!   benchmarks.
 //! - [`host_binary`], [`plugin_path`] and [`model_dir`] find what `make setup`, `make guests`
 //!   and cargo built or installed.
 
@@ -14,6 +16,7 @@ mod artifacts;
 mod host_process;
 mod installation;
 mod postgres;
+mod qdrant_server;
 mod wait;
 mod watchdog;
 
@@ -23,4 +26,5 @@ pub use artifacts::{
 };
 pub use host_process::HostProcess;
 pub use postgres::{PgServer, PgVersion, SUPERUSER, TestDb};
+pub use qdrant_server::{CollectionSummary, FakeQdrant, StoredPoint};
 pub use wait::{wait_for, wait_until};

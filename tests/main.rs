@@ -7,3 +7,4 @@
 mod cli;
 mod harness;
 mod pipeline;
+mod qdrant;

@@ -439,17 +439,16 @@ impl Store<'_> {
     /// Drops what an earlier run left in a real Qdrant (database names, and so collection
     /// names, repeat from run to run).
     async fn reset(&self, collection: &str) {
-        if let Store::Real(client) = self {
-            if client
+        if let Store::Real(client) = self
+            && client
                 .collection_exists(collection)
                 .await
                 .expect("reach Qdrant")
-            {
-                client
-                    .delete_collection(collection)
-                    .await
-                    .expect("drop the old collection");
-            }
+        {
+            client
+                .delete_collection(collection)
+                .await
+                .expect("drop the old collection");
         }
     }
 

@@ -9,3 +9,4 @@ mod harness;
 mod openai;
 mod pipeline;
 mod scaffold;
+mod qdrant;

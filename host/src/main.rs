@@ -18,7 +18,9 @@ use pgstream_host::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolic
 use pgstream_host::replication::{self, SourceConfig, StreamOptions, TableName};
 use pgstream_host::runtime::{EngineOptions, Limits, PluginEngine};
 use pgstream_host::scaffold::{self, Language};
-use pgstream_host::sink::{JsonLinesSink, PgVectorSink, Sink};
+use pgstream_host::sink::{
+    JsonLinesSink, PgVectorSink, QDRANT_API_KEY_VAR, QdrantOptions, QdrantSink, Sink,
+};
 use tracing::{error, info};
 
 /// Streams Postgres row changes through a sandboxed WebAssembly handler into a vector store.
@@ -61,7 +63,7 @@ enum PipelineCommand {
     Check,
     /// Drop the replication slot and the publication, then exit.
     Teardown,
-    /// Embed a query and print the nearest points of the pgvector sink table.
+    /// Embed a query and print the nearest points of the sink (pgvector or qdrant).
     Search {
         /// The text to search for.
         query: String,
@@ -100,6 +102,8 @@ enum SinkKind {
     Pgvector,
     /// Append every write as a JSON line to a file (for inspection and tests).
     Jsonl,
+    /// A Qdrant collection, over gRPC (API key from PGSTREAM_QDRANT_API_KEY).
+    Qdrant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -154,9 +158,49 @@ struct Args {
     #[arg(long, env = "PGSTREAM_SINK_DSN", global = true, hide_env_values = true)]
     sink_dsn: Option<String>,
 
-    /// Sink table (`schema.table`) or, for jsonl, the file [default: <table>_embeddings].
+    /// Sink table (`schema.table`), Qdrant collection or, for jsonl, the file
+    /// [default: <table>_embeddings].
     #[arg(long, env = "PGSTREAM_COLLECTION", global = true)]
     collection: Option<String>,
+
+    /// Qdrant's gRPC endpoint; https:// uses TLS. The API key is read from
+    /// PGSTREAM_QDRANT_API_KEY, never from a flag.
+    #[arg(
+        long,
+        env = "PGSTREAM_QDRANT_URL",
+        default_value = "http://localhost:6334",
+        global = true
+    )]
+    qdrant_url: String,
+
+    /// Longest wait for one Qdrant request, in milliseconds.
+    #[arg(
+        long,
+        env = "PGSTREAM_QDRANT_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    qdrant_timeout_ms: u64,
+
+    /// Tries per Qdrant request when it fails transiently (unavailable, timeout, overload).
+    #[arg(
+        long,
+        env = "PGSTREAM_QDRANT_MAX_ATTEMPTS",
+        default_value_t = 5,
+        global = true
+    )]
+    qdrant_max_attempts: u32,
+
+    /// Create the Qdrant collection when it is missing (false: a missing collection is an
+    /// error).
+    #[arg(
+        long,
+        env = "PGSTREAM_CREATE_COLLECTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        global = true
+    )]
+    create_collection: bool,
 
     /// Embedding model.
     #[arg(long, env = "PGSTREAM_EMBEDDER", value_enum, default_value_t = EmbedderKind::Minilm, global = true)]
@@ -388,17 +432,34 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
         PipelineCommand::Search { query, limit } => {
             require_tables(&tables)?;
             let embedder = build_embedder(&args).await?;
-            let collection = collection_table(&args, &tables[0])?;
-            let sink_source = SourceConfig::from_dsn(args.sink_dsn.as_deref().unwrap_or(&dsn))?;
             let vector = embedder
                 .embed(std::slice::from_ref(&query))
                 .await?
                 .pop()
                 .context("the embedder returned no vector")?;
-            let client = sink_source.connect_sql().await?;
-            let hits =
-                PgVectorSink::search(&client, &collection.schema, &collection.name, vector, limit)
+            let (hits, collection) = match args.sink {
+                SinkKind::Qdrant => {
+                    let sink = qdrant_sink(&args, &tables[0])?;
+                    let hits = sink.search(vector, limit.max(0) as u64).await?;
+                    (hits, qdrant_collection(&args, &tables[0]))
+                }
+                SinkKind::Pgvector => {
+                    let collection = collection_table(&args, &tables[0])?;
+                    let sink_source =
+                        SourceConfig::from_dsn(args.sink_dsn.as_deref().unwrap_or(&dsn))?;
+                    let client = sink_source.connect_sql().await?;
+                    let hits = PgVectorSink::search(
+                        &client,
+                        &collection.schema,
+                        &collection.name,
+                        vector,
+                        limit,
+                    )
                     .await?;
+                    (hits, collection.to_string())
+                }
+                SinkKind::Jsonl => bail!("search needs --sink pgvector or --sink qdrant"),
+            };
             println!("nearest to {query:?} in {collection}:");
             for hit in hits {
                 println!("  {:.3}  {}", hit.similarity, hit.payload);
@@ -546,7 +607,26 @@ fn build_sink(args: &Args, source_dsn: &str, first_table: &TableName) -> Result<
                 PathBuf::from(path).as_path(),
             )?))
         }
+        SinkKind::Qdrant => Ok(Arc::new(qdrant_sink(args, first_table)?)),
     }
+}
+
+/// The Qdrant collection: `--collection`, or `<first watched table>_embeddings`.
+fn qdrant_collection(args: &Args, first_table: &TableName) -> String {
+    args.collection
+        .clone()
+        .unwrap_or_else(|| format!("{}_embeddings", first_table.name))
+}
+
+fn qdrant_sink(args: &Args, first_table: &TableName) -> Result<QdrantSink> {
+    let mut options = QdrantOptions::new(&args.qdrant_url, &qdrant_collection(args, first_table));
+    options.api_key = std::env::var(QDRANT_API_KEY_VAR)
+        .ok()
+        .filter(|key| !key.is_empty());
+    options.timeout = Duration::from_millis(args.qdrant_timeout_ms.max(1));
+    options.max_attempts = args.qdrant_max_attempts.max(1);
+    options.create_collection = args.create_collection;
+    Ok(QdrantSink::new(options)?)
 }
 
 /// The pgvector table: `--collection`, or `<first watched table>_embeddings` in its schema.

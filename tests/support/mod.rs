@@ -9,6 +9,8 @@
 //! - [`wait_until`] and [`wait_for`] poll for eventual outcomes.
 //! - [`OpenAiServer`] is a fake OpenAI embeddings endpoint on a local port, with deterministic
 //!   vectors, a record of every request, and failures on demand.
+//! - [`FakeQdrant`] serves Qdrant's gRPC API in process, for the Qdrant sink's tests and
+//!   benchmarks.
 //! - [`host_binary`], [`plugin_path`] and [`model_dir`] find what `make setup`, `make guests`
 //!   and cargo built or installed.
 
@@ -18,6 +20,7 @@ mod host_process;
 mod installation;
 mod openai_server;
 mod postgres;
+mod qdrant_server;
 mod wait;
 mod watchdog;
 
@@ -28,4 +31,5 @@ pub use artifacts::{
 pub use host_process::HostProcess;
 pub use openai_server::{OpenAiServer, RecordedRequest};
 pub use postgres::{PgServer, PgVersion, SUPERUSER, TestDb};
+pub use qdrant_server::{CollectionSummary, FakeQdrant, StoredPoint};
 pub use wait::{wait_for, wait_until};

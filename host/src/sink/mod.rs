@@ -3,6 +3,7 @@
 
 mod jsonl;
 mod pgvector;
+mod qdrant;
 
 use async_trait::async_trait;
 
@@ -10,7 +11,10 @@ use crate::point::{Point, PointKey};
 
 pub use jsonl::JsonLinesSink;
 pub use pgvector::{PgVectorSink, SearchHit};
-
+pub use qdrant::{
+    API_KEY_VAR as QDRANT_API_KEY_VAR, POINT_ID_NAMESPACE as QDRANT_POINT_ID_NAMESPACE,
+    QdrantOptions, QdrantSink, QdrantUnavailable, point_id as qdrant_point_id,
+};
 /// Why a sink operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -1,0 +1,841 @@
+//! The Qdrant sink: first on its own against the in-process fake Qdrant (ids, payloads,
+//! payload-only writes, deletes, retries, refusals, collection checks), then end to end: rows
+//! written to a real Postgres reach the real host binary with `--sink qdrant`, go through the
+//! `embed-handler` component and the real model, and land in the fake (or in a real Qdrant
+//! when `QDRANT_URL` is set).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use pgstream_e2e::{
+    FakeQdrant, HostProcess, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until,
+};
+use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
+use pgstream_host::point::{Point, PointKey};
+use pgstream_host::sink::{QdrantOptions, QdrantSink, Sink, SinkError};
+use qdrant_client::qdrant as proto;
+use serde_json::{Value as Json, json};
+use tonic::Code;
+use uuid::Uuid;
+
+/// How long a host run to a known LSN may take (the first run compiles the plugin).
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The namespace the documentation gives for point ids.
+const NAMESPACE: &str = "26fe3006-94de-4025-b555-0ee0bace9f92";
+
+/// The id the documentation says a row's point gets, computed here from the documented recipe
+/// rather than by the sink's own function.
+fn documented_id(schema: &str, table: &str, key: &[&str]) -> String {
+    let name = json!([schema, table, key]).to_string();
+    Uuid::new_v5(&Uuid::parse_str(NAMESPACE).unwrap(), name.as_bytes()).to_string()
+}
+
+fn options(server: &FakeQdrant, collection: &str) -> QdrantOptions {
+    let mut options = QdrantOptions::new(&server.url(), collection);
+    options.timeout = Duration::from_secs(5);
+    options.initial_backoff = Duration::from_millis(10);
+    options.max_backoff = Duration::from_millis(50);
+    options
+}
+
+async fn prepared_sink(server: &FakeQdrant, dimensions: usize) -> QdrantSink {
+    let sink = QdrantSink::new(options(server, "docs")).unwrap();
+    sink.prepare(dimensions).await.expect("prepare");
+    sink
+}
+
+fn key(table: &str, key: &[&str]) -> PointKey {
+    PointKey {
+        schema: "public".into(),
+        table: table.into(),
+        key: key.iter().map(|part| part.to_string()).collect(),
+    }
+}
+
+fn point(table: &str, id: &str, vector: Option<[f32; 3]>, payload: Json) -> Point {
+    Point {
+        key: key(table, &[id]),
+        vector: vector.map(Vec::from),
+        payload: payload.to_string(),
+    }
+}
+
+/// The fake's points of `collection` by id.
+fn by_id(server: &FakeQdrant, collection: &str) -> BTreeMap<String, (Vec<f32>, Json)> {
+    server
+        .points(collection)
+        .into_iter()
+        .map(|point| (point.id, (point.vector, point.payload)))
+        .collect()
+}
+
+fn unit(vector: [f32; 3]) -> Vec<f32> {
+    let norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+    vector.iter().map(|v| v / norm).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_creates_a_cosine_collection_indexed_by_source() {
+    let server = FakeQdrant::start().await.unwrap();
+    prepared_sink(&server, 3).await;
+    let collection = server.collection("docs").expect("collection created");
+    assert_eq!(collection.size, 3);
+    assert_eq!(collection.distance, proto::Distance::Cosine);
+    assert_eq!(
+        collection.indexed_fields,
+        BTreeSet::from(["_schema".to_owned(), "_table".to_owned()])
+    );
+    // A second start finds it and checks it.
+    prepared_sink(&server, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_names_both_sizes_when_the_collection_does_not_fit() {
+    let server = FakeQdrant::start().await.unwrap();
+    server.create_collection("docs", 768);
+    let sink = QdrantSink::new(options(&server, "docs")).unwrap();
+    match sink.prepare(384).await {
+        Err(SinkError::Rejected(message)) => {
+            for part in ["docs", "768", "384"] {
+                assert!(message.contains(part), "{part} missing from: {message}");
+            }
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_create_collection_a_missing_collection_is_an_error() {
+    let server = FakeQdrant::start().await.unwrap();
+    let mut options = options(&server, "docs");
+    options.create_collection = false;
+    let sink = QdrantSink::new(options).unwrap();
+    match sink.prepare(3).await {
+        Err(SinkError::Rejected(message)) => {
+            assert!(
+                message.contains("docs") && message.contains("does not exist"),
+                "{message}"
+            );
+            assert!(message.contains("--create-collection"), "{message}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert!(server.collection("docs").is_none(), "nothing was created");
+    server.create_collection("docs", 3);
+    sink.prepare(3)
+        .await
+        .expect("an existing collection is used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_get_documented_ids_and_carry_their_source() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+    let composite = Point {
+        key: PointKey {
+            schema: "sales".into(),
+            table: "order lines".into(),
+            key: vec!["42".into(), "é\"\\".into()],
+        },
+        vector: Some(vec![0.0, 0.0, 2.0]),
+        payload: r#"["not", "an", "object"]"#.into(),
+    };
+    sink.upsert(&[
+        point("docs", "1", Some([1.0, 0.0, 0.0]), json!({"title": "a"})),
+        point("notes", "1", Some([0.0, 1.0, 0.0]), json!({"title": "b"})),
+        composite,
+    ])
+    .await
+    .unwrap();
+
+    let points = by_id(&server, "docs");
+    assert_eq!(points.len(), 3, "{points:?}");
+    let docs = &points[&documented_id("public", "docs", &["1"])];
+    assert_eq!(docs.0, vec![1.0, 0.0, 0.0]);
+    assert_eq!(
+        docs.1,
+        json!({"title": "a", "_schema": "public", "_table": "docs", "_key": ["1"]})
+    );
+    let notes = &points[&documented_id("public", "notes", &["1"])];
+    assert_eq!(notes.1["_table"], "notes");
+    let composite = &points[&documented_id("sales", "order lines", &["42", "é\"\\"])];
+    assert_eq!(
+        composite.1,
+        json!({"_value": ["not", "an", "object"], "_schema": "sales",
+               "_table": "order lines", "_key": ["42", "é\"\\"]})
+    );
+    assert_eq!(server.unwaited_writes(), 0, "every write waits for Qdrant");
+    assert_eq!(
+        server.requests_by_method().get("Points/UpdateBatch"),
+        Some(&1),
+        "one request for the batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_without_vector_replaces_only_the_payload_of_an_existing_point() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+    sink.upsert(&[point("docs", "1", Some([1.0, 1.0, 0.0]), json!({"v": 1}))])
+        .await
+        .unwrap();
+
+    sink.upsert(&[
+        // Exists: keeps its vector, gets the new payload.
+        point("docs", "1", None, json!({"v": 2})),
+        // Missing and nothing to embed: skipped, and the batch still succeeds.
+        point("docs", "2", None, json!({"v": 2})),
+        // Twice in one call: the later payload-only write keeps the earlier vector.
+        point("docs", "3", Some([0.0, 0.0, 1.0]), json!({"v": 3})),
+        point("docs", "3", None, json!({"v": 4})),
+        // Twice the other way round: the later write with a vector wins whole.
+        point("docs", "4", None, json!({"v": 5})),
+        point("docs", "4", Some([0.0, 1.0, 0.0]), json!({"v": 6})),
+    ])
+    .await
+    .expect("a missing point without a vector does not fail the batch");
+
+    let points = by_id(&server, "docs");
+    let stored = |id: &str| points.get(&documented_id("public", "docs", &[id]));
+    let one = stored("1").expect("point 1");
+    assert_eq!(one.0, unit([1.0, 1.0, 0.0]), "vector kept");
+    assert_eq!(one.1["v"], 2);
+    assert_eq!(one.1["_key"], json!(["1"]));
+    assert!(stored("2").is_none(), "no point without a vector");
+    assert_eq!(stored("3").unwrap().0, vec![0.0, 0.0, 1.0]);
+    assert_eq!(stored("3").unwrap().1["v"], 4);
+    assert_eq!(stored("4").unwrap().0, vec![0.0, 1.0, 0.0]);
+    assert_eq!(stored("4").unwrap().1["v"], 6);
+    assert_eq!(server.unwaited_writes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_by_key_and_truncates_one_table_by_filter() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+    sink.upsert(&[
+        point("docs", "1", Some([1.0, 0.0, 0.0]), json!({})),
+        point("docs", "2", Some([1.0, 0.0, 0.0]), json!({})),
+        point("docs", "3", Some([1.0, 0.0, 0.0]), json!({})),
+        point("notes", "1", Some([1.0, 0.0, 0.0]), json!({})),
+    ])
+    .await
+    .unwrap();
+
+    sink.delete(&[key("docs", &["2"]), key("docs", &["404"])])
+        .await
+        .expect("deleting a missing point is not an error");
+    let ids: BTreeSet<String> = by_id(&server, "docs").into_keys().collect();
+    let expected: BTreeSet<String> = [("docs", "1"), ("docs", "3"), ("notes", "1")]
+        .iter()
+        .map(|(table, id)| documented_id("public", table, &[id]))
+        .collect();
+    assert_eq!(ids, expected);
+
+    sink.delete_table("public", "docs").await.unwrap();
+    let ids: Vec<String> = by_id(&server, "docs").into_keys().collect();
+    assert_eq!(ids, vec![documented_id("public", "notes", &["1"])]);
+    assert_eq!(server.unwaited_writes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_until_the_write_lands() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+    let before = server.requests();
+    server.fail_next(3, Code::Unavailable);
+    sink.upsert(&[point("docs", "1", Some([1.0, 0.0, 0.0]), json!({}))])
+        .await
+        .expect("retried past three failures");
+    assert_eq!(server.points("docs").len(), 1);
+    assert_eq!(
+        server.requests() - before,
+        4,
+        "three failures, then the write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_bounded_then_the_store_is_reported_unavailable() {
+    let server = FakeQdrant::start().await.unwrap();
+    let mut options = options(&server, "docs");
+    options.max_attempts = 3;
+    let sink = QdrantSink::new(options).unwrap();
+    sink.prepare(3).await.unwrap();
+    let before = server.requests();
+    server.fail_next(100, Code::ResourceExhausted);
+    let error = sink
+        .upsert(&[point("docs", "1", Some([1.0, 0.0, 0.0]), json!({}))])
+        .await
+        .expect_err("the server never recovers");
+    assert!(error.is_retryable(), "{error:?}");
+    let chain = format!("{:?}", anyhow::Error::from(error));
+    assert!(chain.contains("failed 3 times"), "{chain}");
+    assert_eq!(server.requests() - before, 3);
+    assert!(server.points("docs").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_times_out_and_a_later_try_succeeds() {
+    let server = FakeQdrant::start().await.unwrap();
+    let mut options = options(&server, "docs");
+    options.timeout = Duration::from_millis(200);
+    options.max_attempts = 2;
+    let sink = QdrantSink::new(options).unwrap();
+    sink.prepare(3).await.unwrap();
+    server.set_delay(Duration::from_secs(2));
+    let error = sink
+        .upsert(&[point("docs", "1", Some([1.0, 0.0, 0.0]), json!({}))])
+        .await
+        .expect_err("every try times out");
+    assert!(error.is_retryable(), "{error:?}");
+    server.set_delay(Duration::ZERO);
+    sink.upsert(&[point("docs", "2", Some([1.0, 0.0, 0.0]), json!({}))])
+        .await
+        .expect("a responsive server takes the write");
+    assert!(
+        by_id(&server, "docs").contains_key(&documented_id("public", "docs", &["2"])),
+        "the later write landed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_are_rejected_at_once_with_qdrants_message() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+
+    let before = server.requests();
+    let wrong_size = Point {
+        vector: Some(vec![1.0, 2.0]),
+        ..point("docs", "1", None, json!({}))
+    };
+    match sink.upsert(&[wrong_size]).await {
+        Err(SinkError::Rejected(message)) => assert!(
+            message.contains("Vector dimension error: expected dim: 3, got 2"),
+            "{message}"
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(server.requests() - before, 1, "not retried");
+
+    server.fail_next(1, Code::FailedPrecondition);
+    match sink.delete_table("public", "docs").await {
+        Err(SinkError::Rejected(message)) => {
+            assert!(message.contains("injected failure"), "{message}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_ranks_by_cosine_and_returns_the_source_key() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+    sink.upsert(&[
+        point("docs", "1", Some([1.0, 0.0, 0.0]), json!({"title": "x"})),
+        point("docs", "2", Some([0.0, 1.0, 0.0]), json!({"title": "y"})),
+    ])
+    .await
+    .unwrap();
+    let hits = sink.search(vec![0.1, 0.9, 0.0], 5).await.unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0].key, key("docs", &["2"]));
+    assert_eq!(hits[0].payload, json!({"title": "y"}));
+    assert!(hits[0].similarity > hits[1].similarity);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_refuses_what_qdrant_refuses() {
+    let server = FakeQdrant::start().await.unwrap();
+    server.create_collection("docs", 3);
+    let client = qdrant_client::Qdrant::from_url(&server.url())
+        .skip_compatibility_check()
+        .build()
+        .unwrap();
+    let upsert =
+        |collection: &str, id: proto::PointId, vector: Vec<f32>| proto::UpdateBatchPoints {
+            collection_name: collection.to_owned(),
+            wait: Some(true),
+            operations: vec![proto::PointsUpdateOperation {
+                operation: Some(proto::points_update_operation::Operation::Upsert(
+                    proto::points_update_operation::PointStructList {
+                        points: vec![proto::PointStruct {
+                            id: Some(id),
+                            payload: Default::default(),
+                            vectors: Some(vector.into()),
+                        }],
+                        ..Default::default()
+                    },
+                )),
+            }],
+            ..Default::default()
+        };
+    let refusal =
+        |result: Result<proto::UpdateBatchResponse, qdrant_client::QdrantError>| match result {
+            Err(qdrant_client::QdrantError::ResponseError { status }) => {
+                (status.code(), status.message().to_owned())
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+
+    let (code, message) = refusal(
+        client
+            .update_points_batch(upsert("docs", "row-1".to_owned().into(), vec![1.0; 3]))
+            .await,
+    );
+    assert_eq!(
+        (code, message.as_str()),
+        (Code::InvalidArgument, "Unable to parse UUID: row-1")
+    );
+    let (code, message) = refusal(
+        client
+            .update_points_batch(upsert("docs", 7.into(), vec![1.0; 4]))
+            .await,
+    );
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(message.contains("expected dim: 3, got 4"), "{message}");
+    let (code, message) = refusal(
+        client
+            .update_points_batch(upsert("nope", 7.into(), vec![1.0; 3]))
+            .await,
+    );
+    assert_eq!(code, Code::NotFound);
+    assert!(
+        message.contains("Collection `nope` doesn't exist"),
+        "{message}"
+    );
+
+    client
+        .update_points_batch(upsert("docs", 7.into(), vec![1.0; 3]))
+        .await
+        .expect("an integer id is fine");
+    let mut unwaited = upsert("docs", Uuid::nil().to_string().into(), vec![1.0; 3]);
+    unwaited.wait = Some(false);
+    client.update_points_batch(unwaited).await.unwrap();
+    assert_eq!(
+        server.points("docs").len(),
+        1,
+        "an unwaited write is not applied yet"
+    );
+    assert_eq!(server.unwaited_writes(), 1);
+    wait_until(Duration::from_secs(5), || async {
+        server.points("docs").len() == 2
+    })
+    .await
+    .expect("applied later");
+}
+
+/// Where the end-to-end scenarios read the collection from.
+enum Store<'a> {
+    Fake(&'a FakeQdrant),
+    Real(qdrant_client::Qdrant),
+}
+
+/// A stored point as the scenarios check it: payload and vector by source row id.
+type Points = BTreeMap<i64, (Json, Vec<f32>)>;
+
+impl Store<'_> {
+    /// Drops what an earlier run left in a real Qdrant (database names, and so collection
+    /// names, repeat from run to run).
+    async fn reset(&self, collection: &str) {
+        if let Store::Real(client) = self
+            && client
+                .collection_exists(collection)
+                .await
+                .expect("reach Qdrant")
+        {
+            client
+                .delete_collection(collection)
+                .await
+                .expect("drop the old collection");
+        }
+    }
+
+    /// The collection's points keyed by the first key column, each checked to sit at the id
+    /// the documentation promises.
+    async fn points(&self, collection: &str, table: &str) -> Points {
+        let raw: Vec<(String, Json, Vec<f32>)> = match self {
+            Store::Fake(server) => server
+                .points(collection)
+                .into_iter()
+                .map(|point| (point.id, point.payload, point.vector))
+                .collect(),
+            Store::Real(client) => {
+                let response = client
+                    .scroll(proto::ScrollPoints {
+                        collection_name: collection.to_owned(),
+                        limit: Some(10_000),
+                        with_payload: Some(true.into()),
+                        with_vectors: Some(true.into()),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("scroll the collection");
+                response
+                    .result
+                    .into_iter()
+                    .map(|point| {
+                        let id = match point.id.and_then(|id| id.point_id_options) {
+                            Some(proto::point_id::PointIdOptions::Uuid(uuid)) => uuid,
+                            other => panic!("unexpected id {other:?}"),
+                        };
+                        let payload = Json::Object(
+                            point
+                                .payload
+                                .into_iter()
+                                .map(|(k, v)| (k, v.into_json()))
+                                .collect(),
+                        );
+                        let vector = match point.vectors.and_then(|v| v.vectors_options) {
+                            Some(proto::vectors_output::VectorsOptions::Vector(vector)) => {
+                                match vector.into_vector() {
+                                    proto::vector_output::Vector::Dense(dense) => dense.data,
+                                    other => panic!("not a dense vector: {other:?}"),
+                                }
+                            }
+                            other => panic!("unexpected vectors {other:?}"),
+                        };
+                        (id, payload, vector)
+                    })
+                    .collect()
+            }
+        };
+        raw.into_iter()
+            .map(|(id, payload, vector)| {
+                let key = payload["_key"][0].as_str().expect("a key").to_owned();
+                assert_eq!(payload["_schema"], "public", "{payload}");
+                assert_eq!(payload["_table"], table, "{payload}");
+                assert_eq!(id, documented_id("public", table, &[&key]), "{payload}");
+                (key.parse().expect("integer key"), (payload, vector))
+            })
+            .collect()
+    }
+}
+
+/// One pipeline under test, writing to a Qdrant collection named after its database.
+struct Pipeline<'a> {
+    db: &'a TestDb,
+    table: &'static str,
+    url: String,
+    extra: Vec<String>,
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(db: &'a TestDb, table: &'static str, url: String) -> Pipeline<'a> {
+        Pipeline {
+            db,
+            table,
+            url,
+            extra: Vec::new(),
+        }
+    }
+
+    fn collection(&self) -> String {
+        self.db.unique_name("points")
+    }
+
+    fn slot(&self) -> String {
+        self.db.unique_name("slot")
+    }
+
+    fn args(&self) -> Vec<String> {
+        let cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
+        let mut args: Vec<String> = [
+            "--dsn",
+            self.db.dsn(),
+            "--table",
+            self.table,
+            "--plugin",
+            &plugin_path("embed-handler").display().to_string(),
+            "--name",
+            &self.db.unique_name("pipe"),
+            "--slot",
+            &self.slot(),
+            "--cache-dir",
+            &cache.display().to_string(),
+            "--model-dir",
+            &model_dir().display().to_string(),
+            "--batch-wait-ms",
+            "20",
+            "--progress-secs",
+            "1",
+            "--sink",
+            "qdrant",
+            "--qdrant-url",
+            &self.url,
+            "--collection",
+            &self.collection(),
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    async fn setup(&self) {
+        let mut args = vec!["setup".to_owned()];
+        args.extend(self.args());
+        let mut host = HostProcess::start(&args).expect("start host setup");
+        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
+        assert!(status.success(), "setup failed:\n{}", host.log());
+    }
+
+    /// Runs the host to the current WAL position and asserts it exited 0.
+    async fn catch_up(&self) {
+        let mut args = self.args();
+        args.extend(["--stop-at-lsn".to_owned(), current_lsn(self.db).await]);
+        let mut host = HostProcess::start(&args).expect("start host");
+        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+        assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    }
+
+    /// `pgstream-host search` output.
+    async fn search(&self, query: &str) -> String {
+        let mut args = vec!["search".to_owned(), query.to_owned()];
+        args.extend(self.args());
+        let mut host = HostProcess::start(&args).expect("start host search");
+        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("search exits");
+        assert!(status.success(), "search failed:\n{}", host.log());
+        host.log()
+    }
+
+    async fn confirmed_flush_lsn(&self) -> u64 {
+        let row = self
+            .db
+            .client()
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&self.slot()],
+            )
+            .await
+            .expect("slot exists");
+        row.get::<_, i64>(0) as u64
+    }
+}
+
+async fn current_lsn(db: &TestDb) -> String {
+    db.client()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("current LSN")
+        .get(0)
+}
+
+async fn lsn_bytes(db: &TestDb) -> u64 {
+    let row = db
+        .client()
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("current LSN");
+    row.get::<_, i64>(0) as u64
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    db.client()
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
+fn embedder() -> MiniLmEmbedder {
+    MiniLmEmbedder::load(&model_dir(), MiniLmOptions::default()).expect("model loads")
+}
+
+fn assert_close(stored: &[f32], expected: &[f32], what: &str) {
+    assert_eq!(stored.len(), expected.len(), "{what}: dimensions");
+    let worst = stored
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "{what}: max difference {worst}");
+}
+
+/// The pgvector scenario, against Qdrant: inserts, an update of the embedded text, an update
+/// that leaves the TOASTed text alone, deletes, a row without text, a row from before the
+/// slot, a truncate; and `search` finds the right row.
+async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store: Store<'_>) {
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    exec(
+        &db,
+        "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);
+         ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
+         -- Written before the slot exists: never delivered (no backfill yet).
+         INSERT INTO docs VALUES (100, 'old', repeat('long text ', 500));",
+    )
+    .await;
+    let pipeline = Pipeline::new(&db, "docs", url);
+    let collection = pipeline.collection();
+    store.reset(&collection).await;
+    pipeline.setup().await;
+    exec(
+        &db,
+        "INSERT INTO docs VALUES
+           (1, 'bread', 'Bake sourdough bread with a lively starter.'),
+           (2, 'coffee', 'Pull an espresso shot at nine bars.'),
+           (3, 'running', 'Build mileage slowly for a marathon.'),
+           (4, 'garden', 'Tomatoes want full sun.'),
+           (5, 'empty', NULL),
+           (6, 'toast', repeat('Slow toasted text. ', 400));
+         UPDATE docs SET content = 'Steep green tea for two minutes.' WHERE id = 2;
+         UPDATE docs SET title = 'long runs' WHERE id = 3;
+         DELETE FROM docs WHERE id = 4;",
+    )
+    .await;
+    pipeline.catch_up().await;
+    exec(
+        &db,
+        "-- The TOASTed content is not resent: the point keeps its vector, the payload changes.
+         UPDATE docs SET title = 'toast, renamed' WHERE id = 6;
+         -- Same, for a row with no point: nothing to store, and the pipeline goes on.
+         UPDATE docs SET title = 'old, renamed' WHERE id = 100;",
+    )
+    .await;
+    pipeline.catch_up().await;
+
+    let points = store.points(&collection, "docs").await;
+    assert_eq!(
+        points.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3, 6],
+        "deleted, NULL-content and pre-slot rows have no point"
+    );
+    let texts = vec![
+        "Bake sourdough bread with a lively starter.".to_owned(),
+        "Steep green tea for two minutes.".to_owned(),
+        "Build mileage slowly for a marathon.".to_owned(),
+        "Slow toasted text. ".repeat(400),
+    ];
+    let expected = embedder().embed(&texts).await.unwrap();
+    for (index, id) in [1i64, 2, 3, 6].iter().enumerate() {
+        let (payload, vector) = &points[id];
+        assert_close(vector, &expected[index], &format!("vector of row {id}"));
+        assert_eq!(payload["id"], *id, "payload of row {id}: {payload}");
+    }
+    assert_eq!(points[&3].0["title"], "long runs");
+    assert_eq!(points[&6].0["title"], "toast, renamed");
+
+    let found = pipeline.search("a hot drink made from leaves").await;
+    let first_hit = found
+        .lines()
+        .skip_while(|line| !line.starts_with("nearest to"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(first_hit.contains("\"coffee\""), "search output:\n{found}");
+
+    exec(
+        &db,
+        "TRUNCATE docs; INSERT INTO docs VALUES (9, 'after', 'A row written after the truncate.');",
+    )
+    .await;
+    pipeline.catch_up().await;
+    let points = store.points(&collection, "docs").await;
+    assert_eq!(points.keys().copied().collect::<Vec<_>>(), vec![9]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_into_fake_qdrant_follows_inserts_updates_deletes_and_truncate() {
+    let server = FakeQdrant::start().await.unwrap();
+    qdrant_follows_inserts_updates_deletes_and_truncate(server.url(), Store::Fake(&server)).await;
+    assert_eq!(server.unwaited_writes(), 0, "every write waited for Qdrant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(non_snake_case)]
+async fn pipeline_into_real_qdrant_runs_only_when_QDRANT_URL_is_set() {
+    let Some(url) = std::env::var("QDRANT_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+    else {
+        eprintln!(
+            "SKIPPED: set QDRANT_URL (e.g. http://localhost:6334, the gRPC port) and \
+             PGSTREAM_QDRANT_API_KEY if needed to run this scenario against a real Qdrant"
+        );
+        return;
+    };
+    let client = qdrant_client::Qdrant::from_url(&url)
+        .api_key(std::env::var("PGSTREAM_QDRANT_API_KEY").ok())
+        .skip_compatibility_check()
+        .build()
+        .expect("a Qdrant client");
+    qdrant_follows_inserts_updates_deletes_and_truncate(url, Store::Real(client)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
+    let server = FakeQdrant::start().await.unwrap();
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    exec(
+        &db,
+        "CREATE TABLE items (id int PRIMARY KEY, content text);",
+    )
+    .await;
+    let mut pipeline = Pipeline::new(&db, "items", server.url());
+    pipeline.extra = ["--qdrant-max-attempts", "2", "--retry-backoff-ms", "100"]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+    let collection = pipeline.collection();
+    pipeline.setup().await;
+    let mut host = HostProcess::start(pipeline.args()).expect("start host");
+    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+
+    exec(
+        &db,
+        "INSERT INTO items SELECT g, 'first wave item ' || g FROM generate_series(1, 50) g;",
+    )
+    .await;
+    wait_until(RUN_TIMEOUT, || async {
+        server.points(&collection).len() == 50
+    })
+    .await
+    .unwrap_or_else(|error| panic!("first wave: {error}\n{}", host.log()));
+
+    // Enough failures to exhaust the sink's own tries for a call (each try may also be
+    // retried once by the client on a fresh connection), so the pipeline retries the batch.
+    server.fail_next(6, Code::Unavailable);
+    exec(
+        &db,
+        "INSERT INTO items SELECT g, 'second wave item ' || g FROM generate_series(51, 120) g;
+         UPDATE items SET content = 'revised item ' || id WHERE id <= 10;
+         DELETE FROM items WHERE id BETWEEN 41 AND 50;",
+    )
+    .await;
+    let end = lsn_bytes(&db).await;
+    wait_until(RUN_TIMEOUT, || async {
+        pipeline.confirmed_flush_lsn().await >= end
+    })
+    .await
+    .unwrap_or_else(|error| panic!("never confirmed the second wave: {error}\n{}", host.log()));
+    let status = host.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    assert!(
+        host.log().contains("retrying"),
+        "the outage was seen:\n{}",
+        host.log()
+    );
+
+    let source: BTreeMap<i64, String> = db
+        .client()
+        .query("SELECT id::bigint, content FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let points = Store::Fake(&server).points(&collection, "items").await;
+    assert_eq!(
+        points.keys().collect::<Vec<_>>(),
+        source.keys().collect::<Vec<_>>(),
+        "the collection holds exactly the source rows"
+    );
+    let sample: Vec<i64> = [1, 10, 11, 40, 51, 120].into();
+    let texts: Vec<String> = sample.iter().map(|id| source[id].clone()).collect();
+    let expected = embedder().embed(&texts).await.unwrap();
+    for (id, vector) in sample.iter().zip(&expected) {
+        assert_close(&points[id].1, vector, &format!("vector of item {id}"));
+    }
+    assert_eq!(server.unwaited_writes(), 0);
+}

@@ -8,5 +8,5 @@ mod cli;
 mod harness;
 mod openai;
 mod pipeline;
-mod scaffold;
 mod qdrant;
+mod scaffold;

@@ -6,7 +6,9 @@
 //! all-MiniLM-L6-v2 embedding every text the workload produces, in batches as large as the
 //! host's, with as many threads as the host gets. Then the release host drains the same
 //! workload with the `embed-handler` example into each sink, and the bench prints events/s,
-//! texts embedded/s and the ratio of the latter to the raw rate (goal: at least 0.8x).
+//! texts embedded/s and the ratio of the latter to the raw rate (goal: at least 0.8x). The sinks
+//! are pgvector (in the source database) and Qdrant, here the in-process fake Qdrant of the
+//! tests (a real Qdrant server cannot be installed on the machines this runs on).
 //!
 //! Workload: the standard one (`pgstream_e2e::drain`) at 3,000 inserts, 1,000 updates and 300
 //! deletes; every insert and update carries 100 characters of content to embed.
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pgstream_e2e::drain::{StandardWorkload, create_slot, current_wal_lsn, drain_host};
-use pgstream_e2e::{PgServer, PgVersion, TestDb, model_dir, plugin_path};
+use pgstream_e2e::{FakeQdrant, PgServer, PgVersion, TestDb, model_dir, plugin_path};
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 
 /// The publication every slot streams.
@@ -33,19 +35,29 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1800);
 enum SinkUnderTest {
     /// The pgvector table `docs_embeddings` in the source database.
     Pgvector,
+    /// The collection `docs_embeddings` of the in-process fake Qdrant (gRPC on loopback, real
+    /// qdrant-client requests, Qdrant's validation rules, writes kept in memory).
+    Qdrant,
 }
 
 impl SinkUnderTest {
     fn name(self) -> &'static str {
         match self {
             SinkUnderTest::Pgvector => "pgvector",
+            SinkUnderTest::Qdrant => "qdrant",
         }
     }
 
     /// The host flags that select this sink.
-    fn args(self) -> Vec<String> {
+    fn args(self, qdrant: &FakeQdrant) -> Vec<String> {
         match self {
             SinkUnderTest::Pgvector => vec!["--sink".into(), "pgvector".into()],
+            SinkUnderTest::Qdrant => vec![
+                "--sink".into(),
+                "qdrant".into(),
+                "--qdrant-url".into(),
+                qdrant.url(),
+            ],
         }
     }
 }
@@ -80,7 +92,8 @@ async fn main() -> Result<()> {
              CREATE PUBLICATION {PUBLICATION} FOR TABLE docs;"
         ))
         .await?;
-    let sinks = [SinkUnderTest::Pgvector];
+    let sinks = [SinkUnderTest::Pgvector, SinkUnderTest::Qdrant];
+    let qdrant = FakeQdrant::start().await?;
     for sink in sinks {
         create_slot(&db, sink.name()).await?;
     }
@@ -129,10 +142,10 @@ async fn main() -> Result<()> {
         .iter()
         .map(|arg| arg.to_string())
         .collect();
-        args.extend(sink.args());
+        args.extend(sink.args(&qdrant));
         println!("pipeline into {}", sink.name());
         let drain = drain_host(&args, workload.events(), DRAIN_TIMEOUT).await?;
-        check_points(&db, sink, &workload).await?;
+        check_points(&db, &qdrant, sink, &workload).await?;
         let texts_rate = drain.rate(workload.texts());
         // From the "streaming" line to the last confirm: without loading the model and the
         // component, which a long-running host pays once.
@@ -227,7 +240,12 @@ async fn raw_embedder_rate(texts: &[String], threads: usize) -> Result<f64> {
 }
 
 /// The sink holds one point per surviving row with content: the drain really wrote.
-async fn check_points(db: &TestDb, sink: SinkUnderTest, workload: &StandardWorkload) -> Result<()> {
+async fn check_points(
+    db: &TestDb,
+    qdrant: &FakeQdrant,
+    sink: SinkUnderTest,
+    workload: &StandardWorkload,
+) -> Result<()> {
     let expected = workload.inserts - workload.deletes;
     let stored = match sink {
         SinkUnderTest::Pgvector => db
@@ -235,6 +253,7 @@ async fn check_points(db: &TestDb, sink: SinkUnderTest, workload: &StandardWorkl
             .query_one("SELECT count(*) FROM docs_embeddings", &[])
             .await?
             .get::<_, i64>(0),
+        SinkUnderTest::Qdrant => i64::try_from(qdrant.points("docs_embeddings").len())?,
     };
     ensure!(
         stored == expected,

@@ -77,9 +77,10 @@ $(WASM_DIR)/js-noop.wasm: examples/js-noop/handler.js wit/handler.wit $(NODE_TOO
 	$(call js-component,examples/js-noop/handler.js,,js-noop)
 
 # The helper's unit tests, in Node: bundled with a fake of the host interface.
+# Part of `make test` (a prerequisite added to the root Makefile's target).
+test: js-test
 js-test: $(JS_BUILD)/types.checked
-	$(TSC) -p examples/js-handler/test
-	$(ROLLDOWN) -c examples/js-handler/test/rolldown.config.mjs --log-level warn
+	PGSTREAM_JS_TEST_OUT=$(JS_BUILD)/pgstream.test.mjs $(ROLLDOWN) -c examples/js-handler/test/rolldown.config.mjs --log-level warn
 	node --test $(JS_BUILD)/pgstream.test.mjs
 
 # The same no-op built with StarlingMonkey (componentize-js through jco), for the engine

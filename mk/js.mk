@@ -39,15 +39,18 @@ $(JS_TOOLS_ENV): $(NODE_TOOLS_STAMP) mk/js.mk
 # template; this checks that both are what the WIT generates today, and that the template's
 # helper module is the example's.
 $(JS_BUILD)/types.checked: wit/handler.wit mk/js/wit-types.mjs $(JS_TYPES) templates/js/types/pgstream-handler.d.ts \
-		examples/js-handler/pgstream.ts templates/js/pgstream.ts $(NODE_TOOLS_STAMP)
+		examples/js-handler/pgstream.ts templates/js/pgstream.ts examples/js-handler/types/globals.d.ts \
+		templates/js/types/globals.d.ts $(NODE_TOOLS_STAMP)
 	mkdir -p $(JS_BUILD)
 	node mk/js/wit-types.mjs $(NODE_TOOLS) wit $(JS_BUILD)/pgstream-handler.d.ts
 	for copy in $(JS_TYPES) templates/js/types/pgstream-handler.d.ts; do \
 		cmp -s $(JS_BUILD)/pgstream-handler.d.ts $$copy \
 			|| { echo "$$copy is stale: run 'make js-types'" >&2; exit 1; }; \
 	done
-	cmp -s examples/js-handler/pgstream.ts templates/js/pgstream.ts \
-		|| { echo "templates/js/pgstream.ts differs from examples/js-handler/pgstream.ts: copy it" >&2; exit 1; }
+	for file in pgstream.ts types/globals.d.ts; do \
+		cmp -s examples/js-handler/$$file templates/js/$$file \
+			|| { echo "templates/js/$$file differs from examples/js-handler/$$file: copy it" >&2; exit 1; }; \
+	done
 	touch $@
 
 # Regenerates the committed declarations after a WIT change.
@@ -65,7 +68,7 @@ define js-component
 		--output $(WASM_DIR)/$(3).wasm >/dev/null
 endef
 
-JS_HELPER := examples/js-handler/pgstream.ts $(JS_TYPES) $(JS_BUILD)/types.checked wit/handler.wit $(NODE_TOOLS_STAMP)
+JS_HELPER := examples/js-handler/pgstream.ts $(JS_TYPES) examples/js-handler/types/globals.d.ts $(JS_BUILD)/types.checked wit/handler.wit $(NODE_TOOLS_STAMP)
 
 $(WASM_DIR)/js-handler.wasm: examples/js-handler/handler.ts examples/js-handler/tsconfig.json $(JS_HELPER)
 	$(call js-component,examples/js-handler/handler.ts,examples/js-handler,js-handler)

@@ -19,7 +19,7 @@ import { UNCHANGED, WritePlan, handler, oldPointKey, pointKey, row, rowJson, sam
 /** The column whose text is embedded. */
 const CONTENT = "content";
 
-export const handle = handler((events) => {
+export const handle = handler(function handleBatch(events) {
   const plan = new WritePlan();
   for (const event of events) {
     switch (event.operation) {

@@ -15,6 +15,8 @@
 // NULL), `UNCHANGED` (a TOASTed value this UPDATE did not send: the stored value is still the
 // old one, it is NOT null) and the value.
 //
+// `console.log` and friends write to the host's log (the engine has no console of its own).
+//
 // Errors: a column that is missing or does not parse throws a `FieldError`. `handler()` turns
 // any exception into the WIT `error` result with the message and the JS stack, so the host's
 // log says what failed and where, and the host retries the batch on a fresh instance.
@@ -484,6 +486,39 @@ function hostCall<T>(call: string, run: () => T): T {
 /** Writes a line to the host's log (tagged with the pipeline and plugin). */
 export function log(level: "trace" | "debug" | "info" | "warn" | "error", message: string): void {
   host.log(level, message);
+}
+
+/** One console argument as log text: strings as they are, errors with their stack, other
+ *  values as JSON when they have a JSON form. */
+function consoleText(value: unknown): string {
+  if (typeof value === "string") return value;
+  if (value instanceof Error) return toWitError(value).message;
+  if (typeof value === "object" && value !== null) {
+    try {
+      return JSON.stringify(value, (_key, item: unknown) =>
+        typeof item === "bigint" ? item.toString() : item,
+      );
+    } catch {
+      return String(value);
+    }
+  }
+  return String(value);
+}
+
+// The QuickJS engine of componentize-qjs has no `console`; this one writes each call as one
+// line of the host's log at the matching level (console.log and console.info at info).
+if (typeof (globalThis as { console?: unknown }).console === "undefined") {
+  const at =
+    (level: "debug" | "info" | "warn" | "error") =>
+    (...data: unknown[]): void =>
+      host.log(level, data.map(consoleText).join(" "));
+  (globalThis as { console?: Console }).console = {
+    log: at("info"),
+    info: at("info"),
+    warn: at("warn"),
+    error: at("error"),
+    debug: at("debug"),
+  };
 }
 
 /** The WIT `error` for any thrown value: the message, then the JS stack when there is one. */

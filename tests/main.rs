@@ -7,6 +7,7 @@
 mod cli;
 mod harness;
 mod openai;
+mod languages;
 mod pipeline;
 mod qdrant;
 mod scaffold;

@@ -1,0 +1,47 @@
+// {{name}}: keeps a vector store in sync with a table that has a `content` text column (the
+// starter from `pgstream-host new --lang js`; change it to fit your tables):
+//
+// - insert / update: embeds `content` and upserts the point (keyed by the row's key columns)
+//   with the row as a JSON payload;
+// - update that did not touch a TOASTed `content` (Postgres sends it as unchanged): upserts
+//   without a vector, so the store keeps the embedding and replaces only the payload;
+// - update that changed the key: deletes the point of the old key;
+// - `content` NULL: deletes the point (there is nothing to embed);
+// - delete: deletes the point; truncate: deletes every point of the table.
+//
+// The payload is the row without `content`: the vector stands for the content, and leaving it
+// out is what makes the unchanged case exact (a payload-only update then lacks nothing).
+// A batch costs one `embed` call and one `upsert` call (plus one `delete` if anything was
+// deleted), whatever its size: `WritePlan` collapses it to the last action per row.
+
+import { UNCHANGED, WritePlan, handler, oldPointKey, pointKey, row, rowJson, sameKey } from "./pgstream.ts";
+
+/** The column whose text is embedded. */
+const CONTENT = "content";
+
+export const handle = handler(function handleBatch(events) {
+  const plan = new WritePlan();
+  for (const event of events) {
+    switch (event.operation) {
+      case "insert":
+      case "update": {
+        const key = pointKey(event);
+        const oldKey = oldPointKey(event);
+        if (oldKey !== null && !sameKey(oldKey, key)) plan.delete(oldKey);
+        const payload = rowJson(event, { skip: [CONTENT] });
+        const content = row(event).text(CONTENT);
+        if (content === null) plan.delete(key);
+        else if (content === UNCHANGED) plan.upsert(key, null, payload);
+        else plan.upsert(key, content, payload);
+        break;
+      }
+      case "delete":
+        plan.delete(pointKey(event));
+        break;
+      case "truncate":
+        plan.truncate(event.schema, event.table);
+        break;
+    }
+  }
+  plan.execute();
+});

@@ -1,7 +1,7 @@
 # Node tools shared by the JavaScript and C handlers: jco (component tooling, the WASI
-# preview-1 reactor adapter, TypeScript generation) and the component builders it drives
-# (componentize-js for StarlingMonkey, componentize-qjs for QuickJS). Versions are pinned by
-# mk/node-tools/package-lock.json; `npm ci` installs exactly that into .cache/node-tools, with
+# preview-1 reactor adapter, TypeScript generation), the component builders (componentize-qjs
+# for QuickJS, the default; jco's own componentize-js for StarlingMonkey), tsc and rolldown.
+# Versions are pinned by mk/node-tools/package-lock.json; `npm ci` installs exactly that into .cache/node-tools, with
 # npm's download cache in .cache/npm, so a second install asks no registry.
 # Included by the root Makefile, which defines CACHE.
 

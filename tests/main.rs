@@ -6,8 +6,8 @@
 
 mod cli;
 mod harness;
-mod openai;
 mod languages;
+mod openai;
 mod pipeline;
 mod qdrant;
 mod scaffold;

@@ -3,7 +3,7 @@
 //! maintenance commands (`setup`, `check`, `teardown`).
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -340,7 +340,7 @@ fn default_threads() -> usize {
 // here blocks the thread for long: embedding runs on the embedder's own threads, compiling a
 // plugin on the blocking pool, and a computing guest yields at every epoch tick.
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PGSTREAM_LOG")
@@ -351,13 +351,18 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match run(cli).await {
+        Ok(()) => 0,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exit here rather than return: dropping the runtime waits for every blocking task, and an
+    // embedding batch whose handler call was abandoned (time or memory limit) may still be
+    // running on the blocking pool. Everything worth keeping was confirmed or reported.
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
 }
 
 async fn run(cli: Cli) -> Result<()> {

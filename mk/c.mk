@@ -98,13 +98,15 @@ $(eval $(call c_component,c-error-handler,tests/plugins/c-error-handler/error_ha
 # The helper's unit test, native (fast, and the sanitizer catches undefined behaviour): the
 # host imports are faked, allocations counted to prove a batch frees what it allocates.
 C_TEST_BIN := $(C_BUILD)/pgstream-test
+C_TEST_FLAGS := -std=c11 -O1 -g -Wall -Wextra -Werror -fsanitize=undefined \
+	-fno-sanitize-recover=all -I$(C_BINDINGS) -I$(C_HELPER_DIR)
 test: test-c
 test-c: $(C_HELPER) $(C_HELPER_DIR)/pgstream_test.c $(C_BINDINGS)/handler.h $(ZIG_STAMP)
 	@mkdir -p $(C_BUILD)
-	$(ZIG) cc -std=c11 -O1 -g -Wall -Wextra -Werror -fsanitize=undefined -fno-sanitize-recover=all \
-		-I$(C_BINDINGS) -I$(C_HELPER_DIR) \
-		-Dmalloc=counted_malloc -Drealloc=counted_realloc -Dfree=counted_free \
-		$(C_HELPER_DIR)/pgstream.c $(C_HELPER_DIR)/pgstream_test.c -o $(C_TEST_BIN) -lm
+	$(ZIG) cc $(C_TEST_FLAGS) -Dmalloc=counted_malloc -Drealloc=counted_realloc -Dfree=counted_free \
+		-c $(C_HELPER_DIR)/pgstream.c -o $(C_BUILD)/pgstream-counted.o
+	$(ZIG) cc $(C_TEST_FLAGS) $(C_HELPER_DIR)/pgstream_test.c $(C_BUILD)/pgstream-counted.o \
+		-o $(C_TEST_BIN) -lm
 	$(C_TEST_BIN)
 	cmp $(C_HELPER_DIR)/pgstream.h templates/c/pgstream.h
 	cmp $(C_HELPER_DIR)/pgstream.c templates/c/pgstream.c

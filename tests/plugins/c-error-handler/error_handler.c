@@ -5,6 +5,8 @@
  * assert() instead: wasi-libc prints the assertion to stderr and traps, and the host's trap
  * report must carry that text.
  */
+/* zig cc defines NDEBUG when optimising, which turns assert() off; this plugin wants it on. */
+#undef NDEBUG
 #include <assert.h>
 
 #include "pgstream.h"

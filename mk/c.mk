@@ -4,11 +4,12 @@
 #   1. `wit-bindgen c` turns wit/handler.wit into handler.h/handler.c (the canonical ABI glue)
 #      and handler_component_type.o (the component type, as a custom section);
 #   2. zig's bundled clang + wasi-libc compiles everything to a wasm32-wasi (preview 1)
-#      reactor module (`-mexec-model=reactor`: a library with exports, no main);
+#      reactor module (`-mexec-model=reactor`: a library with exports, no main), and
+#      mk/wasm_strip_debug.py drops its DWARF but keeps the function names;
 #   3. jco wraps the module in a component, adapting its preview-1 imports to preview 2 with
 #      the reactor adapter jco ships (mk/node-tools.mk).
 # The helper examples/c-handler/pgstream.{h,c} is shared by every C guest here and copied into
-# templates/c/ (the unit test checks the copies match).
+# templates/c/ (the unit test checks the copies match, and that of mk/wasm_strip_debug.py).
 #
 # Toolchain, pinned and installed once into .cache:
 #   - zig from the PyPI wheel `ziglang` (clang and wasi-libc inside; a venv of its own);
@@ -35,8 +36,9 @@ C_BUILD := $(TARGET_DIR)/c-guests
 C_BINDINGS := $(C_BUILD)/bindings
 C_HELPER_DIR := examples/c-handler
 C_HELPER := $(C_HELPER_DIR)/pgstream.h $(C_HELPER_DIR)/pgstream.c
-# -s drops debug info; the component keeps the function names.
-C_WASM_FLAGS := -target wasm32-wasi -mexec-model=reactor -O2 -s -std=c11 \
+# No -s: it would drop the function names along with the DWARF, and the names are what makes
+# a trap's wasm backtrace readable; mk/wasm_strip_debug.py drops only the DWARF.
+C_WASM_FLAGS := -target wasm32-wasi -mexec-model=reactor -O2 -std=c11 \
 	-Wall -Wextra -Werror -I$(C_BINDINGS) -I$(C_HELPER_DIR)
 
 LANG_GUESTS += guests-c
@@ -81,11 +83,13 @@ $(C_BINDINGS)/handler.h: wit/handler.wit $(WIT_BINDGEN)
 # $(call c_component,NAME,SOURCES): builds $(WASM_DIR)/NAME.wasm from the C files SOURCES plus
 # the generated glue.
 define c_component
-$(WASM_DIR)/$(1).wasm: $(2) $(C_HELPER) $(C_BINDINGS)/handler.h $(ZIG_STAMP) $(NODE_TOOLS_STAMP) mk/c.mk
+$(WASM_DIR)/$(1).wasm: $(2) $(C_HELPER) $(C_BINDINGS)/handler.h $(ZIG_STAMP) $(NODE_TOOLS_STAMP) \
+		mk/c.mk mk/wasm_strip_debug.py
 	@echo "building guest $(1)"
 	@mkdir -p $(C_BUILD) $(WASM_DIR)
 	$(ZIG) cc $(C_WASM_FLAGS) $(2) $(C_BINDINGS)/handler.c $(C_BINDINGS)/handler_component_type.o \
-		-o $(C_BUILD)/$(1).core.wasm
+		-o $(C_BUILD)/$(1).wasm
+	$(PYTHON) mk/wasm_strip_debug.py $(C_BUILD)/$(1).wasm $(C_BUILD)/$(1).core.wasm
 	$(JCO) new $(C_BUILD)/$(1).core.wasm \
 		--adapt wasi_snapshot_preview1=$(WASI_REACTOR_ADAPTER) -o $$@.tmp
 	mv $$@.tmp $$@
@@ -110,3 +114,4 @@ test-c: $(C_HELPER) $(C_HELPER_DIR)/pgstream_test.c $(C_BINDINGS)/handler.h $(ZI
 	$(C_TEST_BIN)
 	cmp $(C_HELPER_DIR)/pgstream.h templates/c/pgstream.h
 	cmp $(C_HELPER_DIR)/pgstream.c templates/c/pgstream.c
+	cmp mk/wasm_strip_debug.py templates/c/strip-debug.py

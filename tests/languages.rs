@@ -66,7 +66,10 @@ mod c {
         let mut host = HostProcess::start(args(&["--stop-at-lsn", &lsn])).expect("start host");
         let status = host.wait_timeout(Duration::from_secs(180)).await.unwrap();
         let log = host.log();
-        assert!(!status.success(), "the host must stop on the failing batch:\n{log}");
+        assert!(
+            !status.success(),
+            "the host must stop on the failing batch:\n{log}"
+        );
         log
     }
 
@@ -93,9 +96,13 @@ mod c {
         let log = run_failing_batch("INSERT INTO t VALUES (1, 'assert');").await;
         assert!(log.contains("handler trapped"), "{log}");
         assert!(
-            log.contains("c-error-handler was told to assert")
-                && log.contains("error_handler.c"),
+            log.contains("c-error-handler was told to assert") && log.contains("error_handler.c"),
             "wasi-libc's assertion message (stderr) is in the trap report:\n{log}"
+        );
+        // The build keeps the name section, so the wasm backtrace names C functions.
+        assert!(
+            log.contains("c-error-handler.wasm!__assert_fail"),
+            "the trap's backtrace names the functions:\n{log}"
         );
     }
 }

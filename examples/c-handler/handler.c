@@ -66,7 +66,8 @@ bool exports_handler_handle(handler_list_change_event_t *events, handler_error_t
     pgs_plan_t plan;
     pgs_plan_init(&plan);
     bool ok = true;
-    for (size_t i = 0; ok && i < events->len; i++) ok = plan_event(&plan, &events->ptr[i], err);
+    for (size_t i = 0; ok && i < events->len; i++)
+        ok = plan_event(&plan, &events->ptr[i], err) || PGS_TRACE(err);
     if (ok && !pgs_plan_execute(&plan, err)) ok = PGS_TRACE(err);
     /* The plan points into the events: free it first. We own the events (wit-bindgen). */
     pgs_plan_free(&plan);

@@ -554,6 +554,7 @@ macro_rules! in_every_language {
 in_every_language!(pgvector_follows_inserts_updates_deletes_and_truncate:
     rust => "embed-handler",
     js => "js-handler",
+    c => "c-handler",
 );
 
 async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static str) {

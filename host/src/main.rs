@@ -2,8 +2,8 @@
 //! environment variable), builds one pipeline from them and runs it, or runs one of the
 //! maintenance commands (`setup`, `check`, `teardown`).
 
-use std::path::{Path, PathBuf};
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,0 +1,75 @@
+/*
+ * {{name}}: a pgstream-host handler in C. It keeps a vector store in sync with a table that
+ * has a `content` text column:
+ *
+ * - insert / update: embeds `content` and upserts the point (keyed by the row's key columns)
+ *   with the row, minus `content`, as its JSON payload;
+ * - update that did not touch a TOASTed `content` (Postgres sends it as unchanged): upserts
+ *   without a vector, so the store keeps the embedding and replaces only the payload;
+ * - update that changed the key: deletes the point of the old key;
+ * - `content` NULL: deletes the point; delete: deletes the point;
+ * - truncate: deletes every point of the table.
+ *
+ * A batch costs one `embed` and one `upsert` call (plus one `delete` if anything was
+ * deleted): the plan collapses it to the last action per row. pgstream.h documents the
+ * helper; make builds {{name}}.wasm.
+ */
+#include "pgstream.h"
+
+/* The column whose text is embedded. */
+static const char *const CONTENT = "content";
+
+static bool plan_event(pgs_plan_t *plan, const pgs_event_t *event, pgs_error_t *err) {
+    pgs_point_key_t key, old_key;
+    switch (event->operation) {
+    case PGS_INSERT:
+    case PGS_UPDATE: {
+        if (!pgs_point_key(event, &key, err)) return PGS_TRACE(err);
+        if (pgs_old_point_key(event, &old_key)) {
+            if (pgs_point_key_eq(&old_key, &key))
+                pgs_point_key_release(&old_key);
+            else
+                pgs_plan_delete(plan, old_key);
+        }
+        pgs_string_t content;
+        pgs_field_t field = pgs_get_text(pgs_row(event), CONTENT, &content);
+        switch (field) {
+        case PGS_VALUE:
+            pgs_plan_upsert(plan, key, &content, pgs_row_json(event, &CONTENT, 1));
+            return true;
+        case PGS_UNCHANGED:
+            pgs_plan_upsert(plan, key, NULL, pgs_row_json(event, &CONTENT, 1));
+            return true;
+        case PGS_NULL:
+            pgs_plan_delete(plan, key);
+            return true;
+        default:
+            pgs_point_key_release(&key);
+            return PGS_FAIL(err, "column \"%s\" of %.*s.%.*s %s", CONTENT,
+                            PGS_STR(event->schema), PGS_STR(event->table),
+                            pgs_field_describe(field));
+        }
+    }
+    case PGS_DELETE:
+        if (!pgs_point_key(event, &key, err)) return PGS_TRACE(err);
+        pgs_plan_delete(plan, key);
+        return true;
+    case PGS_TRUNCATE:
+        pgs_plan_truncate(plan, event->schema, event->table);
+        return true;
+    }
+    return PGS_FAIL(err, "unknown operation %u", (unsigned)event->operation);
+}
+
+bool exports_handler_handle(handler_list_change_event_t *events, handler_error_t *err) {
+    pgs_plan_t plan;
+    pgs_plan_init(&plan);
+    bool ok = true;
+    for (size_t i = 0; ok && i < events->len; i++)
+        ok = plan_event(&plan, &events->ptr[i], err) || PGS_TRACE(err);
+    if (ok && !pgs_plan_execute(&plan, err)) ok = PGS_TRACE(err);
+    /* The plan points into the events: free it first. We own the events (wit-bindgen). */
+    pgs_plan_free(&plan);
+    handler_list_change_event_free(events);
+    return ok;
+}

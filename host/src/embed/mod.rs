@@ -2,12 +2,14 @@
 //! trait, so a deployment can pick the in-process model or (later) a remote model server per
 //! pipeline without the plugin runtime or the sinks knowing which.
 
+mod cache;
 mod minilm;
 
 use std::path::PathBuf;
 
 use async_trait::async_trait;
 
+pub use cache::{CachingEmbedder, EmbedCacheError, EmbedCacheOptions, EmbedCacheStats};
 pub use minilm::{MiniLmEmbedder, MiniLmOptions, default_model_dir};
 
 /// An error from a model runtime or tokenizer, kept as the `source` of an [`EmbedError`] so
@@ -41,6 +43,14 @@ pub enum EmbedError {
         /// How many texts the handler sent.
         texts: usize,
     },
+    /// An embedder returned another number of vectors than it was given texts.
+    #[error("the embedder returned {returned} vectors for {expected} texts")]
+    WrongCount {
+        /// Texts sent.
+        expected: usize,
+        /// Vectors returned.
+        returned: usize,
+    },
     /// The worker thread that ran the model panicked or was cancelled.
     #[error("the embedding worker stopped before finishing")]
     Worker(#[source] tokio::task::JoinError),
@@ -71,6 +81,12 @@ pub trait Embedder: Send + Sync {
 
     /// Embeds a batch of texts.
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// Counters of the embedding cache in front of the model, for progress and summary logs;
+    /// `None` (the default) for an embedder without one.
+    fn cache_stats(&self) -> Option<EmbedCacheStats> {
+        None
+    }
 }
 
 /// An embedder for pipelines whose handler never embeds (benchmarks, payload-only sinks): it

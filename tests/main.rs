@@ -5,5 +5,6 @@
 //! and exports the paths the harness reads.
 
 mod cli;
+mod embed_cache;
 mod harness;
 mod pipeline;

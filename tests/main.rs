@@ -5,6 +5,7 @@
 //! and exports the paths the harness reads.
 
 mod cli;
+mod embed_cache;
 mod harness;
 mod languages;
 mod openai;

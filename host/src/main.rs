@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use pgstream_host::embed::{
-    ApiKey, DEFAULT_BASE_URL, DEFAULT_MODEL, Embedder, MiniLmEmbedder, MiniLmOptions, OpenAiConfig,
-    OpenAiEmbedder, default_model_dir,
+    ApiKey, CachingEmbedder, DEFAULT_BASE_URL, DEFAULT_MODEL, EmbedCacheOptions, Embedder,
+    MiniLmEmbedder, MiniLmOptions, OpenAiConfig, OpenAiEmbedder, default_model_dir,
 };
 use pgstream_host::lsn::Lsn;
 use pgstream_host::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
@@ -214,6 +214,21 @@ struct Args {
     /// Threads the embedding model may use.
     #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true)]
     embed_threads: usize,
+
+    /// File of the on-disk embedding cache: text already embedded by the same model is read
+    /// back instead of embedded again (replays, re-runs, updates of other columns). Off when
+    /// unset. Each running host needs its own file.
+    #[arg(long, env = "PGSTREAM_EMBED_CACHE", global = true)]
+    embed_cache: Option<PathBuf>,
+
+    /// Size limit of the embedding cache, in MiB; least recently used entries are evicted.
+    #[arg(
+        long,
+        env = "PGSTREAM_EMBED_CACHE_MAX_MB",
+        default_value_t = 1024,
+        global = true
+    )]
+    embed_cache_max_mb: u64,
 
     /// Vector size. With --embedder none: the size the sink is prepared for [default: 384].
     /// With --embedder openai: the `dimensions` sent to models that can shorten their vectors
@@ -477,7 +492,20 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                 .plugin
                 .clone()
                 .context("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN")?;
-            let embedder = build_embedder(&args).await?;
+            let mut embedder = build_embedder(&args).await?;
+            if let Some(path) = args.embed_cache.clone() {
+                let options = EmbedCacheOptions {
+                    path,
+                    max_bytes: args.embed_cache_max_mb.saturating_mul(1024 * 1024),
+                };
+                let inner = embedder.clone();
+                // Opening after a crash makes redb check the whole file: off the async thread.
+                let cached =
+                    tokio::task::spawn_blocking(move || CachingEmbedder::open(inner, &options))
+                        .await
+                        .context("opening the embedding cache panicked")?;
+                embedder = Arc::new(cached);
+            }
             let sink = build_sink(&args, &dsn, &tables[0])?;
             let engine = PluginEngine::new(EngineOptions {
                 cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
@@ -508,11 +536,25 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             };
             // Compiling a plugin that is not in the cache takes seconds of CPU: keep it off the
             // (single) async thread.
-            let pipeline =
-                tokio::task::spawn_blocking(move || Pipeline::new(config, &engine, embedder, sink))
-                    .await
-                    .context("loading the plugin panicked")??;
-            let summary = pipeline.run(shutdown_signal()).await?;
+            let pipeline_embedder = embedder.clone();
+            let pipeline = tokio::task::spawn_blocking(move || {
+                Pipeline::new(config, &engine, pipeline_embedder, sink)
+            })
+            .await
+            .context("loading the plugin panicked")??;
+            let result = pipeline.run(shutdown_signal()).await;
+            if let Some(cache) = embedder.cache_stats() {
+                info!(
+                    hits = cache.hits,
+                    misses = cache.misses,
+                    hit_rate = format_args!("{:.3}", cache.hit_rate()),
+                    texts_embedded = cache.texts_embedded,
+                    model_requests = cache.model_requests,
+                    evictions = cache.evictions,
+                    "embedding cache"
+                );
+            }
+            let summary = result?;
             info!(
                 events = summary.events,
                 batches = summary.batches,

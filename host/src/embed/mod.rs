@@ -3,6 +3,7 @@
 //! OpenAI-compatible server ([`OpenAiEmbedder`]) per pipeline without the plugin runtime or the
 //! sinks knowing which.
 
+mod cache;
 mod minilm;
 mod openai;
 
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 
+pub use cache::{CachingEmbedder, EmbedCacheError, EmbedCacheOptions, EmbedCacheStats};
 pub use minilm::{MiniLmEmbedder, MiniLmOptions, default_model_dir};
 pub use openai::{
     API_KEY_ENV, ApiKey, DEFAULT_BASE_URL, DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
@@ -46,6 +48,14 @@ pub enum EmbedError {
     NotConfigured {
         /// How many texts the handler sent.
         texts: usize,
+    },
+    /// An embedder returned another number of vectors than it was given texts.
+    #[error("the embedder returned {returned} vectors for {expected} texts")]
+    WrongCount {
+        /// Texts sent.
+        expected: usize,
+        /// Vectors returned.
+        returned: usize,
     },
     /// The worker thread that ran the model panicked or was cancelled.
     #[error("the embedding worker stopped before finishing")]
@@ -133,6 +143,12 @@ pub trait Embedder: Send + Sync {
 
     /// Embeds a batch of texts.
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+
+    /// Counters of the embedding cache in front of the model, for progress and summary logs;
+    /// `None` (the default) for an embedder without one.
+    fn cache_stats(&self) -> Option<EmbedCacheStats> {
+        None
+    }
 }
 
 /// An embedder for pipelines whose handler never embeds (benchmarks, payload-only sinks): it

@@ -184,6 +184,8 @@ pub struct Pipeline {
     imports: Arc<PipelineImports>,
     sink: Arc<dyn Sink>,
     dimensions: usize,
+    /// Kept for the progress log (its cache hit rate); calls go through `imports`.
+    embedder: Arc<dyn Embedder>,
 }
 
 impl Pipeline {
@@ -202,13 +204,14 @@ impl Pipeline {
                 source,
             })?;
         let dimensions = embedder.dimensions();
-        let imports = Arc::new(PipelineImports::new(embedder, sink.clone()));
+        let imports = Arc::new(PipelineImports::new(embedder.clone(), sink.clone()));
         Ok(Pipeline {
             config,
             plugin,
             imports,
             sink,
             dimensions,
+            embedder,
         })
     }
 
@@ -378,7 +381,7 @@ impl Pipeline {
                     }
                 }
             }
-            progress.tick(&config.name, summary);
+            progress.tick(&config.name, summary, self.embedder.as_ref());
         }
     }
 
@@ -515,16 +518,24 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, name: &str, summary: &RunSummary) {
+    fn tick(&mut self, name: &str, summary: &RunSummary, embedder: &dyn Embedder) {
         let elapsed = self.last.elapsed();
         if elapsed < self.interval {
             return;
         }
         let rate = (summary.events - self.last_events) as f64 / elapsed.as_secs_f64();
-        info!(
-            pipeline = %name, events = summary.events, events_per_sec = rate.round(),
-            confirmed = %summary.confirmed, "progress"
-        );
+        match embedder.cache_stats() {
+            Some(cache) => info!(
+                pipeline = %name, events = summary.events, events_per_sec = rate.round(),
+                confirmed = %summary.confirmed,
+                embed_cache_hit_rate = format_args!("{:.3}", cache.hit_rate()),
+                texts_embedded = cache.texts_embedded, "progress"
+            ),
+            None => info!(
+                pipeline = %name, events = summary.events, events_per_sec = rate.round(),
+                confirmed = %summary.confirmed, "progress"
+            ),
+        }
         self.last = Instant::now();
         self.last_events = summary.events;
     }

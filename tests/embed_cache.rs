@@ -1,0 +1,319 @@
+//! The embedding cache end to end: the real host with `--embed-cache`, the real MiniLM model,
+//! the `embed-handler` component and pgvector on Postgres 18. What a user pays for at-least-once
+//! delivery is re-embedding what was already embedded; these tests replay changes (a copied
+//! slot, a SIGKILL and restart) and read the host's own log summary to check that the model
+//! computed no text twice, and read pgvector to check the vectors are still right.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until};
+use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
+use tempfile::TempDir;
+
+/// How long a host run to a known LSN may take (the first run compiles the plugin).
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Host arguments for a pgvector pipeline on `table` with the cache file `cache`, reading
+/// from `slot`.
+fn host_args(db: &TestDb, table: &str, slot: &str, cache: &Path) -> Vec<String> {
+    let plugin_cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
+    [
+        "--dsn",
+        db.dsn(),
+        "--table",
+        table,
+        "--plugin",
+        &plugin_path("embed-handler").display().to_string(),
+        "--name",
+        &db.unique_name("pipe"),
+        "--slot",
+        slot,
+        "--cache-dir",
+        &plugin_cache.display().to_string(),
+        "--model-dir",
+        &model_dir().display().to_string(),
+        "--sink",
+        "pgvector",
+        "--embed-cache",
+        &cache.display().to_string(),
+        "--batch-wait-ms",
+        "20",
+        "--progress-secs",
+        "1",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect()
+}
+
+async fn exec(db: &TestDb, sql: &str) {
+    db.client()
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
+async fn current_lsn(db: &TestDb) -> String {
+    db.client()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("current LSN")
+        .get(0)
+}
+
+/// Runs `pgstream-host setup`, so changes from now on are kept for `args`' slot.
+async fn setup(args: &[String]) {
+    let mut setup_args = vec!["setup".to_owned()];
+    setup_args.extend(args.iter().cloned());
+    let mut host = HostProcess::start(&setup_args).expect("start host setup");
+    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
+    assert!(status.success(), "setup failed:\n{}", host.log());
+}
+
+/// Runs the host to `lsn` and returns its log, asserting it exited 0.
+async fn run_to(args: &[String], lsn: &str) -> String {
+    let mut args = args.to_vec();
+    args.extend(["--stop-at-lsn".to_owned(), lsn.to_owned()]);
+    let mut host = HostProcess::start(&args).expect("start host");
+    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    host.log()
+}
+
+/// The counters of the host's final `embedding cache` log line (`hits=.. misses=..
+/// texts_embedded=.. model_requests=.. evictions=..`).
+fn cache_summary(log: &str) -> HashMap<String, f64> {
+    let log = without_colours(log);
+    let line = log
+        .lines()
+        .rfind(|line| line.contains("embedding cache") && line.contains("texts_embedded="))
+        .unwrap_or_else(|| panic!("no embedding cache summary in the log:\n{log}"));
+    line.split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+        .collect()
+}
+
+/// The log without ANSI colour sequences (`ESC [ ... m`).
+fn without_colours(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// `source_key[1]` -> embedding of every point in `<table>_embeddings`.
+async fn stored_vectors(db: &TestDb, table: &str) -> BTreeMap<i64, Vec<f32>> {
+    db.client()
+        .query(
+            &format!("SELECT source_key[1]::bigint, embedding::real[] FROM {table}_embeddings"),
+            &[],
+        )
+        .await
+        .expect("read the vector table")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// Checks the stored vectors of every row (`id` -> content) against the model, in-test.
+async fn assert_vectors_match_model(db: &TestDb, table: &str, rows: &BTreeMap<i64, String>) {
+    let stored = stored_vectors(db, table).await;
+    assert_eq!(
+        stored.keys().collect::<Vec<_>>(),
+        rows.keys().collect::<Vec<_>>(),
+        "the vector table holds exactly the source rows"
+    );
+    let model = MiniLmEmbedder::load(&model_dir(), MiniLmOptions::default()).expect("model loads");
+    let texts: Vec<String> = rows.values().cloned().collect();
+    let expected = model.embed(&texts).await.expect("embeds");
+    for ((id, vector), expected) in stored.iter().zip(&expected) {
+        let worst = vector
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "vector of row {id} is off by {worst}");
+    }
+}
+
+async fn source_rows(db: &TestDb, table: &str) -> BTreeMap<i64, String> {
+    db.client()
+        .query(&format!("SELECT id::bigint, content FROM {table}"), &[])
+        .await
+        .expect("read the source")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// The deterministic replay: a copy of the slot made before the host ran still points before
+/// the changes, so running the host on it delivers the same changes again, as after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_slot_makes_no_model_call_for_texts_already_embedded() {
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.create_vector_extension().await;
+    exec(&db, "CREATE TABLE docs (id int PRIMARY KEY, content text);").await;
+    let out = TempDir::new().unwrap();
+    let cache = out.path().join("embeddings.redb");
+    let first_slot = db.unique_name("first");
+    let replay_slot = db.unique_name("replay");
+    let first = host_args(&db, "docs", &first_slot, &cache);
+    let replay = host_args(&db, "docs", &replay_slot, &cache);
+    setup(&first).await;
+
+    // 300 rows with 250 distinct texts, in three transactions, and an update of ids 1-20 that
+    // writes their content back unchanged.
+    exec(
+        &db,
+        "INSERT INTO docs SELECT g, 'document ' || (g % 250) || ' on topic ' || (g % 250 % 13)
+           FROM generate_series(1, 100) g;
+         INSERT INTO docs SELECT g, 'document ' || (g % 250) || ' on topic ' || (g % 250 % 13)
+           FROM generate_series(101, 200) g;
+         INSERT INTO docs SELECT g, 'document ' || (g % 250) || ' on topic ' || (g % 250 % 13)
+           FROM generate_series(201, 300) g;
+         UPDATE docs SET content = content WHERE id <= 20;",
+    )
+    .await;
+    db.client()
+        .execute(
+            "SELECT pg_copy_logical_replication_slot($1, $2)",
+            &[&first_slot, &replay_slot],
+        )
+        .await
+        .expect("copy the slot");
+    let end = current_lsn(&db).await;
+
+    let log = run_to(&first, &end).await;
+    let stats = cache_summary(&log);
+    assert_eq!(
+        stats["texts_embedded"], 250.0,
+        "the first run embeds each distinct text once:\n{log}"
+    );
+    // The handler sends 300 to 320 texts: an update in the same batch as its row's insert
+    // supersedes it.
+    assert!(stats["hits"] + stats["misses"] >= 300.0, "{log}");
+    let rows = source_rows(&db, "docs").await;
+    assert_vectors_match_model(&db, "docs", &rows).await;
+
+    // Lose the vector table, then replay every change from the copied slot.
+    exec(&db, "DELETE FROM docs_embeddings;").await;
+    let log = run_to(&replay, &end).await;
+    let stats = cache_summary(&log);
+    assert_eq!(
+        stats["texts_embedded"], 0.0,
+        "the replay embedded texts:\n{log}"
+    );
+    assert_eq!(
+        stats["model_requests"], 0.0,
+        "the replay called the model:\n{log}"
+    );
+    assert_eq!(stats["misses"], 0.0, "{log}");
+    assert!(stats["hits"] >= 300.0, "{log}");
+    assert_eq!(stats["hit_rate"], 1.0, "{log}");
+    assert_vectors_match_model(&db, "docs", &rows).await;
+}
+
+/// A crash: SIGKILL while the host is part-way through, then a restart to the end. The rows
+/// carry 2,000 distinct texts, each twice (rows n and n + 2,000). Every text whose vector had
+/// reached pgvector before the kill was embedded (and cached) by the killed run, so the
+/// restart embeds only texts never embedded, each once, however far back it replays; without
+/// the cache it would embed every row after the last confirmed position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_sigkill_embeds_only_texts_not_embedded_before() {
+    const ROWS: i64 = 4_000;
+    const DISTINCT: i64 = 2_000;
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.create_vector_extension().await;
+    exec(
+        &db,
+        "CREATE TABLE items (id int PRIMARY KEY, content text);",
+    )
+    .await;
+    let out = TempDir::new().unwrap();
+    let cache = out.path().join("embeddings.redb");
+    let mut args = host_args(&db, "items", &db.unique_name("slot"), &cache);
+    args.extend(["--batch-size".to_owned(), "100".to_owned()]);
+    setup(&args).await;
+
+    for start in (1..=ROWS).step_by(100) {
+        exec(
+            &db,
+            &format!(
+                "INSERT INTO items
+                   SELECT g, 'item ' || (g % {DISTINCT}) || ' is about subject ' || (g % {DISTINCT} % 89)
+                   FROM generate_series({start}, {}) g",
+                start + 99
+            ),
+        )
+        .await;
+    }
+    let end = current_lsn(&db).await;
+
+    let mut host = HostProcess::start(&args).expect("start host");
+    wait_until(Duration::from_secs(240), || async {
+        db.client()
+            .query_one("SELECT count(*) FROM items_embeddings", &[])
+            .await
+            .map(|row| row.get::<_, i64>(0) >= 500)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("no progress: {error}\n{}", host.log()));
+    host.kill().await.unwrap();
+    let stored_at_kill: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM items_embeddings", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stored_at_kill < DISTINCT,
+        "the host got past the first copy of every text before the kill"
+    );
+
+    let log = run_to(&args, &end).await;
+    let stats = cache_summary(&log);
+    assert!(
+        stats["texts_embedded"] <= (DISTINCT - stored_at_kill) as f64,
+        "{stored_at_kill} rows (distinct texts) were stored before the kill, yet the restart \
+         embedded {} texts of {DISTINCT} distinct ones:\n{log}",
+        stats["texts_embedded"]
+    );
+    assert!(
+        stats["hits"] >= (ROWS - DISTINCT) as f64,
+        "the second copy of every text must come from the cache:\n{log}"
+    );
+    let rows = source_rows(&db, "items").await;
+    assert_eq!(rows.len() as i64, ROWS);
+    let sample: BTreeMap<i64, String> = rows.into_iter().step_by(40).collect();
+    let stored = stored_vectors(&db, "items").await;
+    assert_eq!(
+        stored.len() as i64,
+        ROWS,
+        "the vector table holds every row"
+    );
+    let model = MiniLmEmbedder::load(&model_dir(), MiniLmOptions::default()).expect("model loads");
+    let texts: Vec<String> = sample.values().cloned().collect();
+    let expected = model.embed(&texts).await.expect("embeds");
+    for ((id, _), expected) in sample.iter().zip(&expected) {
+        let worst = stored[id]
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "vector of item {id} is off by {worst}");
+    }
+}

@@ -2,7 +2,7 @@
 //! environment variable), builds one pipeline from them and runs it, or runs one of the
 //! maintenance commands (`setup`, `check`, `teardown`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -364,6 +364,9 @@ async fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: log files and collectors get plain
+        // text (and NO_COLOR is honoured, https://no-color.org).
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let cli = Cli::parse();
     let code = match run(cli).await {

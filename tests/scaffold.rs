@@ -24,7 +24,7 @@ macro_rules! for_every_language {
 }
 
 mod new_project_builds_and_handles_events {
-    for_every_language!(rust);
+    for_every_language!(rust, js, c);
 }
 
 /// The environment a project's build script gets: the toolchains `make setup` installed,
@@ -51,6 +51,17 @@ fn build_environment(language: &str) -> Vec<(String, String)> {
 fn tool_settings(language: &str) -> &'static [(&'static str, &'static str)] {
     match language {
         "rust" => &[],
+        "js" => &[
+            ("PGSTREAM_TSC", "PGSTREAM_TSC"),
+            ("PGSTREAM_ROLLDOWN", "PGSTREAM_ROLLDOWN"),
+            ("PGSTREAM_COMPONENTIZE_QJS", "PGSTREAM_COMPONENTIZE_QJS"),
+        ],
+        "c" => &[
+            ("ZIG", "PGSTREAM_ZIG"),
+            ("WIT_BINDGEN", "PGSTREAM_WIT_BINDGEN"),
+            ("JCO", "PGSTREAM_JCO"),
+            ("WASI_REACTOR_ADAPTER", "PGSTREAM_WASI_REACTOR_ADAPTER"),
+        ],
         other => panic!("no toolchain known for {other}"),
     }
 }

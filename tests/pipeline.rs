@@ -553,6 +553,7 @@ macro_rules! in_every_language {
 
 in_every_language!(pgvector_follows_inserts_updates_deletes_and_truncate:
     rust => "embed-handler",
+    python => "python-handler",
 );
 
 async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static str) {

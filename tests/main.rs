@@ -6,4 +6,5 @@
 
 mod cli;
 mod harness;
+mod languages;
 mod pipeline;

@@ -665,14 +665,18 @@ def _err_message(error: Err) -> str:
     return value.message if isinstance(value, _types.Error) else repr(value)
 
 
-def describe_exception(error: BaseException) -> str:
+def describe_exception(error: BaseException, skip_frames: int = 0) -> str:
     """The text the host logs for an exception that escaped a handler: its type and message,
-    then the Python traceback."""
+    then the Python traceback without its first `skip_frames` frames."""
     if isinstance(error, Err):
         headline = f"host call failed: {_err_message(error)}"
     else:
         headline = f"{type(error).__name__}: {error}"
-    trace = "".join(_traceback.format_exception(type(error), error, error.__traceback__))
+    frames = error.__traceback__
+    for _ in range(skip_frames):
+        if frames is not None and frames.tb_next is not None:
+            frames = frames.tb_next
+    trace = "".join(_traceback.format_exception(type(error), error, frames))
     return f"{headline}\n{trace.rstrip()}"
 
 
@@ -690,7 +694,8 @@ def export(handle: Callable[[list[Event]], None]) -> type:
             try:
                 handle([Event(event) for event in events])
             except BaseException as error:
-                raise Err(_types.Error(describe_exception(error))) from None
+                # The first frame is this wrapper: leave it out, the user's code starts below.
+                raise Err(_types.Error(describe_exception(error, skip_frames=1))) from None
 
     WitWorld.__qualname__ = WitWorld.__name__ = "WitWorld"
     WitWorld.__doc__ = handle.__doc__

@@ -281,10 +281,10 @@ class ExportTest(unittest.TestCase):
         lines = error.message.splitlines()
         self.assertEqual(lines[0], "ValueError: cannot handle 1 events")
         self.assertEqual(lines[1], "Traceback (most recent call last):")
-        self.assertTrue(
-            any(line.strip().startswith('File "') and "in inner" in line for line in lines),
-            error.message,
-        )
+        frames = [line.strip() for line in lines if line.strip().startswith('File "')]
+        self.assertEqual(len(frames), 2, error.message)
+        self.assertTrue(frames[0].endswith("in handle"), error.message)
+        self.assertTrue(frames[1].endswith("in inner"), error.message)
 
     def test_handler_sees_events(self):
         seen = []

@@ -13,7 +13,7 @@ makes the unchanged case exact (a payload-only update then replaces the payload 
 lacks nothing). A batch costs one `embed` call and one `upsert` call (plus one `delete` if
 anything was deleted), whatever its size: `WritePlan` keeps the last action per row.
 
-Build: componentize-py -d ../../wit -w handler componentize app -o python-handler.wasm
+`pgstream.py` (next to this file) is the helper module: typed rows, keys, payloads, write plans.
 """
 
 import pgstream

@@ -672,6 +672,14 @@ def describe_exception(error: BaseException, skip_frames: int = 0) -> str:
         headline = f"host call failed: {_err_message(error)}"
     else:
         headline = f"{type(error).__name__}: {error}"
+    if isinstance(error, ImportError):
+        # The component has no filesystem: only modules imported while componentize-py built
+        # it (at module level) are in it.
+        headline += (
+            " (a handler can only use modules imported at the top level of its module, when "
+            "componentize-py builds it: move the import there, and pass the folder of a "
+            "third-party package to componentize-py with -p)"
+        )
     frames = error.__traceback__
     for _ in range(skip_frames):
         if frames is not None and frames.tb_next is not None:

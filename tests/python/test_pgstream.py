@@ -286,6 +286,16 @@ class ExportTest(unittest.TestCase):
         self.assertTrue(frames[0].endswith("in handle"), error.message)
         self.assertTrue(frames[1].endswith("in inner"), error.message)
 
+    def test_import_errors_say_imports_happen_at_build_time(self):
+        def handle(events):
+            import a_module_that_is_not_bundled  # noqa: F401
+
+        with self.assertRaises(Err) as raised:
+            pgstream.export(handle)().handle([])
+        headline = raised.exception.value.message.splitlines()[0]
+        self.assertIn("ModuleNotFoundError", headline)
+        self.assertIn("top level", headline)
+
     def test_handler_sees_events(self):
         seen = []
         world = pgstream.export(lambda events: seen.extend(events))()
@@ -294,14 +304,15 @@ class ExportTest(unittest.TestCase):
 
 
 class TemplateCopyTest(unittest.TestCase):
-    def test_template_ships_the_same_helper(self):
-        template = ROOT / "templates" / "python" / "pgstream.py"
-        example = ROOT / "examples" / "python-handler" / "pgstream.py"
-        self.assertEqual(
-            template.read_text(),
-            example.read_text(),
-            "templates/python/pgstream.py must be a copy of examples/python-handler/pgstream.py",
-        )
+    def test_template_ships_the_example_handler_and_helper(self):
+        for name in ("pgstream.py", "app.py"):
+            template = ROOT / "templates" / "python" / name
+            example = ROOT / "examples" / "python-handler" / name
+            self.assertEqual(
+                template.read_text(),
+                example.read_text(),
+                f"templates/python/{name} must be a copy of examples/python-handler/{name}",
+            )
 
 
 if __name__ == "__main__":

@@ -593,12 +593,12 @@ class WritePlan:
         """Writes the point `key` with `payload`, embedding `text` for its vector. With `text`
         `None` the stored vector is kept (the embedded text did not change); if this batch
         already embeds a text for the point, that text is kept and only the payload replaced."""
-        id = (key.schema, key.table, tuple(key.key))
+        point = (key.schema, key.table, tuple(key.key))
         if text is None:
-            pending = self._actions.get(id)
+            pending = self._actions.get(point)
             if pending is not None and pending[0] == "upsert":
                 text = pending[2]
-        self._actions[id] = ("upsert", key, text, payload)
+        self._actions[point] = ("upsert", key, text, payload)
 
     def delete(self, key: PointKey) -> None:
         """Deletes the point `key`."""
@@ -608,9 +608,9 @@ class WritePlan:
         """Deletes every point of `schema.table` and forgets the writes planned for it so
         far."""
         self._actions = {
-            id: action
-            for id, action in self._actions.items()
-            if id[0] != schema or id[1] != table
+            point: action
+            for point, action in self._actions.items()
+            if point[0] != schema or point[1] != table
         }
         if (schema, table) not in self._truncated:
             self._truncated.append((schema, table))

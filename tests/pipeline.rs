@@ -555,6 +555,7 @@ in_every_language!(pgvector_follows_inserts_updates_deletes_and_truncate:
     rust => "embed-handler",
     js => "js-handler",
     c => "c-handler",
+    python => "python-handler",
 );
 
 async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static str) {

@@ -24,7 +24,7 @@ macro_rules! for_every_language {
 }
 
 mod new_project_builds_and_handles_events {
-    for_every_language!(rust, js, c);
+    for_every_language!(rust, python, js, c);
 }
 
 /// The environment a project's build script gets: the toolchains `make setup` installed,
@@ -51,6 +51,7 @@ fn build_environment(language: &str) -> Vec<(String, String)> {
 fn tool_settings(language: &str) -> &'static [(&'static str, &'static str)] {
     match language {
         "rust" => &[],
+        "python" => &[("COMPONENTIZE_PY", "PGSTREAM_COMPONENTIZE_PY")],
         "js" => &[
             ("PGSTREAM_TSC", "PGSTREAM_TSC"),
             ("PGSTREAM_ROLLDOWN", "PGSTREAM_ROLLDOWN"),

@@ -70,21 +70,5 @@ test-python: $(PYTHON_BINDINGS)/stamp
 	PYTHONPATH=$(PYTHON_BINDINGS):$(PYTHON_HELPER_DIR) PYTHONDONTWRITEBYTECODE=1 \
 		$(PYTHON) -m unittest discover --start-directory tests/python --top-level-directory tests/python
 
-# The project template of `pgstream-host new --lang python`, instantiated as that command does
-# (copy, `{{name}}` replaced, wit/ added) and built with its own build.sh, so a template that
-# no longer builds fails `make test`. Rebuilt only when the template or the WIT changes.
-PYTHON_TEMPLATE_CHECK := $(CACHE)/python-template-check
-$(PYTHON_TEMPLATE_CHECK)/built.stamp: $(COMPONENTIZE_PY_STAMP) wit/handler.wit \
-		$(shell find templates/python -type f 2>/dev/null)
-	rm -rf $(PYTHON_TEMPLATE_CHECK)
-	mkdir -p $(PYTHON_TEMPLATE_CHECK)
-	cp -R templates/python $(PYTHON_TEMPLATE_CHECK)/template-check
-	cd $(PYTHON_TEMPLATE_CHECK)/template-check && \
-		grep -rl '{{name}}' . | xargs sed -i 's/{{name}}/template-check/g' && \
-		for f in $$(find . -name '*{{name}}*'); do mv "$$f" "$${f//\{\{name\}\}/template-check}"; done && \
-		mkdir wit && cp $(CURDIR)/wit/handler.wit wit/ && \
-		COMPONENTIZE_PY=$(COMPONENTIZE_PY) sh build.sh
-	[[ -s $(PYTHON_TEMPLATE_CHECK)/template-check/template-check.wasm ]]
-	touch $@
-
-test-python: $(PYTHON_TEMPLATE_CHECK)/built.stamp
+# The template of `pgstream-host new --lang python` is built from an empty folder, through the
+# real command, by tests/scaffold.rs.

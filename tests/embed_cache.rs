@@ -2,13 +2,17 @@
 //! the `embed-handler` component and pgvector on Postgres 18. What a user pays for at-least-once
 //! delivery is re-embedding what was already embedded; these tests replay changes (a copied
 //! slot, a SIGKILL and restart) and read the host's own log summary to check that the model
-//! computed no text twice, and read pgvector to check the vectors are still right.
+//! computed no text twice, and read pgvector to check the vectors are still right. One test
+//! counts from the other side: with the OpenAI-compatible embedder, the fake embedding server
+//! records every request, and a replay must send it none.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until};
+use pgstream_e2e::{
+    HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until,
+};
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 use tempfile::TempDir;
 
@@ -85,7 +89,6 @@ async fn run_to(args: &[String], lsn: &str) -> String {
 /// The counters of the host's final `embedding cache` log line (`hits=.. misses=..
 /// texts_embedded=.. model_requests=.. evictions=..`).
 fn cache_summary(log: &str) -> HashMap<String, f64> {
-    let log = without_colours(log);
     let line = log
         .lines()
         .rfind(|line| line.contains("embedding cache") && line.contains("texts_embedded="))
@@ -94,24 +97,6 @@ fn cache_summary(log: &str) -> HashMap<String, f64> {
         .filter_map(|field| field.split_once('='))
         .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
         .collect()
-}
-
-/// The log without ANSI colour sequences (`ESC [ ... m`).
-fn without_colours(log: &str) -> String {
-    let mut plain = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 /// `source_key[1]` -> embedding of every point in `<table>_embeddings`.
@@ -316,4 +301,116 @@ async fn a_restart_after_sigkill_embeds_only_texts_not_embedded_before() {
             .fold(0.0f32, f32::max);
         assert!(worst < 1e-5, "vector of item {id} is off by {worst}");
     }
+}
+
+/// The replay seen from the embedding server: the same copied-slot replay with the
+/// OpenAI-compatible embedder (the in-process fake server, which records every request). The
+/// first run asks the server for every distinct text; the replay sends it nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_sends_the_embedding_server_no_request() {
+    let server = OpenAiServer::start().await;
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.create_vector_extension().await;
+    exec(&db, "CREATE TABLE docs (id int PRIMARY KEY, content text);").await;
+    let out = TempDir::new().unwrap();
+    let cache = out.path().join("embeddings.redb");
+    let first_slot = db.unique_name("first");
+    let replay_slot = db.unique_name("replay");
+    let with_server = |slot: &str| {
+        let mut args = host_args(&db, "docs", slot, &cache);
+        // host_args names the local model; the server's embedder ignores --model-dir.
+        args.extend(
+            [
+                "--embedder",
+                "openai",
+                "--openai-base-url",
+                &server.base_url(),
+                "--openai-model",
+                OpenAiServer::MODEL,
+                // Known size: no probe request at start, so every request is an embedding.
+                "--dimensions",
+                &OpenAiServer::DIMENSIONS.to_string(),
+            ]
+            .iter()
+            .map(|arg| arg.to_string()),
+        );
+        args
+    };
+    let first = with_server(&first_slot);
+    let replay = with_server(&replay_slot);
+    run_with_key(&[&["setup".to_owned()], first.as_slice()].concat()).await;
+    exec(
+        &db,
+        "INSERT INTO docs SELECT g, 'note ' || (g % 80) FROM generate_series(1, 120) g;
+         UPDATE docs SET content = 'revised note ' || id WHERE id <= 10;",
+    )
+    .await;
+    db.client()
+        .execute(
+            "SELECT pg_copy_logical_replication_slot($1, $2)",
+            &[&first_slot, &replay_slot],
+        )
+        .await
+        .expect("copy the slot");
+    let end = current_lsn(&db).await;
+
+    let stop_at = ["--stop-at-lsn".to_owned(), end];
+    run_with_key(&[first.as_slice(), &stop_at].concat()).await;
+    let first_inputs: usize = server
+        .requests()
+        .iter()
+        .filter(|request| request.status == 200)
+        .map(|request| request.inputs.len())
+        .sum();
+    assert!(first_inputs > 0, "the first run asked the server nothing");
+    // 80 distinct notes and 10 revised ones: each sent once.
+    assert!(
+        first_inputs <= 90,
+        "{first_inputs} texts sent for 90 distinct ones"
+    );
+
+    server.clear();
+    exec(&db, "DELETE FROM docs_embeddings;").await;
+    let log = run_with_key(&[replay.as_slice(), &stop_at].concat()).await;
+    assert_eq!(
+        server.request_count(),
+        0,
+        "the replay asked the embedding server for texts it had embedded before: {:?}\n{log}",
+        server
+            .requests()
+            .iter()
+            .map(|request| &request.inputs)
+            .collect::<Vec<_>>()
+    );
+    let rows: Vec<(i64, String)> = db
+        .client()
+        .query("SELECT id::bigint, content FROM docs ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let stored = stored_vectors(&db, "docs").await;
+    assert_eq!(stored.len(), rows.len(), "every row has its point again");
+    for (id, content) in rows {
+        assert_eq!(
+            stored[&id],
+            OpenAiServer::vector(&content, OpenAiServer::DIMENSIONS),
+            "vector of row {id}"
+        );
+    }
+}
+
+/// Runs the host with `args` and the fake server's API key, asserting it exited 0; returns its
+/// log.
+async fn run_with_key(args: &[String]) -> String {
+    let mut command = HostProcess::command();
+    command
+        .args(args)
+        .env("PGSTREAM_OPENAI_API_KEY", OpenAiServer::API_KEY)
+        .env_remove("OPENAI_API_KEY");
+    let mut host = HostProcess::spawn(command).expect("start the host");
+    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    host.log()
 }

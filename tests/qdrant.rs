@@ -773,10 +773,18 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     )
     .await;
     let mut pipeline = Pipeline::new(&db, "items", server.url());
-    pipeline.extra = ["--qdrant-max-attempts", "2", "--retry-backoff-ms", "100"]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
+    // Two tries per batch: an outage must not use them up, or this pipeline would stop.
+    pipeline.extra = [
+        "--qdrant-max-attempts",
+        "2",
+        "--max-attempts",
+        "2",
+        "--retry-backoff-ms",
+        "100",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
     let collection = pipeline.collection();
     pipeline.setup().await;
     let mut host = HostProcess::start(pipeline.args()).expect("start host");
@@ -793,8 +801,8 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     .await
     .unwrap_or_else(|error| panic!("first wave: {error}\n{}", host.log()));
 
-    // Enough failures to exhaust the sink's own tries for a call (each try may also be
-    // retried once by the client on a fresh connection), so the pipeline retries the batch.
+    // Enough failures to exhaust the sink's own two tries three times over, so the pipeline
+    // retries the batch more often than --max-attempts allows for a failing handler.
     server.fail_next(6, Code::Unavailable);
     exec(
         &db,
@@ -812,7 +820,8 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     let status = host.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "host failed ({status}):\n{}", host.log());
     assert!(
-        host.log().contains("retrying"),
+        host.log()
+            .contains("the embedder or the sink is unavailable; retrying the batch"),
         "the outage was seen:\n{}",
         host.log()
     );
@@ -838,4 +847,53 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
         assert_close(&points[id].1, vector, &format!("vector of item {id}"));
     }
     assert_eq!(server.unwaited_writes(), 0);
+}
+
+/// A write Qdrant refuses fails the same way every time: the pipeline stops after the first
+/// try, however many --max-attempts allows, with Qdrant's message, and confirms nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_stops_the_pipeline_at_once() {
+    let server = FakeQdrant::start().await.unwrap();
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    exec(
+        &db,
+        "CREATE TABLE items (id int PRIMARY KEY, content text);",
+    )
+    .await;
+    let mut pipeline = Pipeline::new(&db, "items", server.url());
+    pipeline.extra = ["--max-attempts", "5", "--retry-backoff-ms", "2000"]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+    pipeline.setup().await;
+    let before = pipeline.confirmed_flush_lsn().await;
+    let mut host = HostProcess::start(pipeline.args()).expect("start host");
+    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    // The collection is prepared: the next request is the batch's write.
+    server.fail_next(1, Code::InvalidArgument);
+    exec(
+        &db,
+        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;",
+    )
+    .await;
+    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    let log = host.log();
+    assert!(
+        !status.success(),
+        "a refused write must stop the host:\n{log}"
+    );
+    assert!(
+        log.contains("failed 1 times"),
+        "no retry of a refusal:\n{log}"
+    );
+    assert!(log.contains("refused a request"), "{log}");
+    assert!(
+        !log.contains("retrying the batch"),
+        "a refusal is not retried:\n{log}"
+    );
+    assert_eq!(
+        pipeline.confirmed_flush_lsn().await,
+        before,
+        "nothing of the refused batch was confirmed"
+    );
 }

@@ -301,7 +301,9 @@ struct Args {
     )]
     memory_limit_mb: usize,
 
-    /// Tries per batch before the host stops with an error.
+    /// Tries per batch before the host stops with an error. A request the embedder or the sink
+    /// refused stops it at once; one they could not serve (unavailable) is retried for up to
+    /// --outage-limit-secs without using up tries.
     #[arg(
         long,
         env = "PGSTREAM_MAX_ATTEMPTS",
@@ -318,6 +320,15 @@ struct Args {
         global = true
     )]
     retry_backoff_ms: u64,
+
+    /// How long a batch is retried while the embedder or the sink is unavailable, in seconds.
+    #[arg(
+        long,
+        env = "PGSTREAM_OUTAGE_LIMIT_SECS",
+        default_value_t = 600,
+        global = true
+    )]
+    outage_limit_secs: u64,
 
     /// Folder for compiled plugins [default: $XDG_CACHE_HOME/pgstream-host or
     /// ~/.cache/pgstream-host].
@@ -497,6 +508,14 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                 .context("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN")?;
             let mut embedder = build_embedder(&args).await?;
             if let Some(path) = args.embed_cache.clone() {
+                // Below a few MiB the cache would evict on every commit: it would cost an fsync
+                // per batch and save nothing.
+                if args.embed_cache_max_mb < 16 {
+                    bail!(
+                        "--embed-cache-max-mb {} is too small to keep anything; use at least 16",
+                        args.embed_cache_max_mb
+                    );
+                }
                 let options = EmbedCacheOptions {
                     path,
                     max_bytes: args.embed_cache_max_mb.saturating_mul(1024 * 1024),
@@ -531,6 +550,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                 retry: RetryPolicy {
                     max_attempts: args.max_attempts.max(1),
                     initial_backoff: Duration::from_millis(args.retry_backoff_ms),
+                    outage_limit: Duration::from_secs(args.outage_limit_secs),
                     ..RetryPolicy::default()
                 },
                 stop_at: args.stop_at_lsn,
@@ -604,6 +624,12 @@ fn require_tables(tables: &[TableName]) -> Result<()> {
 async fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
     match args.embedder {
         EmbedderKind::Minilm => {
+            if let Some(dimensions) = args.dimensions.filter(|&size| size != 384) {
+                bail!(
+                    "--dimensions {dimensions} does not fit --embedder minilm, whose vectors \
+                     have 384 floats; leave --dimensions out"
+                );
+            }
             let dir = args.model_dir.clone().or_else(default_model_dir).context(
                 "no embedding model found: pass --model-dir (a folder with config.json, \
                  tokenizer.json and model.safetensors) or run `make setup`",

@@ -83,7 +83,10 @@ async fn one_batch_matches_sentence_transformers() {
     let Some(embedder) = load(options) else {
         return;
     };
-    assert_eq!(embedder.model_id(), "all-MiniLM-L6-v2");
+    // The id names the model and pins its files: a cache keyed on it never mixes models.
+    let id = embedder.model_id();
+    assert!(id.starts_with("all-MiniLM-L6-v2@"), "{id}");
+    assert_eq!(id.len(), "all-MiniLM-L6-v2@".len() + 16, "{id}");
     assert_eq!(embedder.dimensions(), 384);
 
     let vectors = embedder

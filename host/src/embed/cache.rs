@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
@@ -730,15 +730,14 @@ impl CacheStore {
         new_entries: Vec<(Key, Vec<u8>)>,
     ) -> Result<u64, EmbedCacheError> {
         self.guard(|| {
-            let mut write = self.db.begin_write()?;
-            // A commit that adds vectors is fsynced (redb's Immediate durability): a commit
-            // that is not is rolled back when the file is next opened after a crash, so the
-            // replay the cache exists for would miss. The cost is one fsync per batch with
-            // misses, small next to embedding those misses. A commit that only records
-            // recency skips the fsync: losing it in a crash loses nothing that matters.
-            if new_entries.is_empty() {
-                write.set_durability(Durability::None)?;
-            }
+            let write = self.db.begin_write()?;
+            // Every commit is fsynced (redb's default, Immediate durability). A commit that
+            // adds vectors must be: one that is not is rolled back when the file is next opened
+            // after a crash, so the replay the cache exists for would miss. A commit that only
+            // records recency (every TOUCH_FLUSH hits) must be too, for another reason: redb
+            // frees the pages a non-durable commit replaces only at the next durable one, so a
+            // long all-hit replay of non-durable commits would grow the file past its bound.
+            // The cost is one fsync per batch with misses or per TOUCH_FLUSH hits.
             let mut evicted = 0;
             {
                 let mut index = write.open_table(INDEX)?;

@@ -89,6 +89,10 @@ pub struct MiniLmEmbedder {
 
 /// Everything a forward pass needs; shared with the blocking worker threads.
 struct LoadedModel {
+    /// `all-MiniLM-L6-v2@<hash>`: the hash covers the files and the truncation, so a fine-tune
+    /// with the same shapes in `--model-dir`, or another truncation in a later host, never
+    /// shares cached vectors with this one.
+    id: String,
     bert: BertModel,
     tokenizer: Tokenizer,
     pool: rayon::ThreadPool,
@@ -109,10 +113,10 @@ impl MiniLmEmbedder {
         }
 
         let config_path = dir.join("config.json");
-        let config: Config = std::fs::read_to_string(&config_path)
-            .map_err(ModelError::from)
-            .and_then(|text| serde_json::from_str(&text).map_err(ModelError::from))
-            .map_err(|source| load_error(config_path.clone(), source))?;
+        let config_text = std::fs::read_to_string(&config_path)
+            .map_err(|source| load_error(config_path.clone(), source.into()))?;
+        let config: Config = serde_json::from_str(&config_text)
+            .map_err(|source| load_error(config_path.clone(), source.into()))?;
         if config.hidden_size != DIMENSIONS || config.num_hidden_layers != LAYERS {
             return Err(load_error(
                 config_path,
@@ -125,7 +129,9 @@ impl MiniLmEmbedder {
         }
 
         let tokenizer_path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
+        let tokenizer_bytes = std::fs::read(&tokenizer_path)
+            .map_err(|source| load_error(tokenizer_path.clone(), source.into()))?;
+        let mut tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)
             .map_err(|source| load_error(tokenizer_path.clone(), source))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -142,6 +148,7 @@ impl MiniLmEmbedder {
         // the weights are copied into tensors.
         let weights =
             std::fs::read(&weights_path).map_err(|e| load_error(weights_path.clone(), e.into()))?;
+        let id = model_id(&config_text, &tokenizer_bytes, &weights);
         let bert = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
             .and_then(|vars| BertModel::load(vars, &config))
             .map_err(|e| load_error(weights_path, e.into()))?;
@@ -155,6 +162,7 @@ impl MiniLmEmbedder {
 
         Ok(Self {
             model: Arc::new(LoadedModel {
+                id,
                 bert,
                 tokenizer,
                 pool,
@@ -164,10 +172,29 @@ impl MiniLmEmbedder {
     }
 }
 
+/// `all-MiniLM-L6-v2@` and the first 8 bytes of a SHA-256 over the model files and the
+/// truncation length, in hex (hashing the 90 MB of weights takes a fraction of a second, once).
+fn model_id(config: &str, tokenizer: &[u8], weights: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [config.as_bytes(), tokenizer, weights] {
+        // Length-prefixed, so no two different file sets hash the same bytes.
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
+    }
+    hash.update((MAX_TOKENS as u64).to_le_bytes());
+    let digest = hash.finalize();
+    let hex: String = digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    format!("{MODEL_ID}@{hex}")
+}
+
 #[async_trait]
 impl Embedder for MiniLmEmbedder {
     fn model_id(&self) -> &str {
-        MODEL_ID
+        &self.model.id
     }
 
     fn dimensions(&self) -> usize {
@@ -300,4 +327,25 @@ fn packaged_model_dir(venv: &Path) -> Option<PathBuf> {
         .filter_map(Result::ok)
         .map(|entry| entry.path().join("site-packages").join(PACKAGED_MODEL_DIR))
         .find(|dir| dir.join("model.safetensors").is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_id;
+
+    #[test]
+    fn the_id_changes_with_any_model_file() {
+        let base = model_id("{}", b"tok", b"weights");
+        assert_eq!(base, model_id("{}", b"tok", b"weights"));
+        assert!(base.starts_with("all-MiniLM-L6-v2@"));
+        for other in [
+            model_id("{ }", b"tok", b"weights"),
+            model_id("{}", b"tok2", b"weights"),
+            model_id("{}", b"tok", b"weightz"),
+            // Moving bytes between files changes the id too (length-prefixed parts).
+            model_id("{}", b"to", b"kweights"),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 }

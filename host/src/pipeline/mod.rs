@@ -33,7 +33,7 @@ use crate::runtime::{HandleError, HandlerInstance, Limits, Plugin, PluginEngine,
 use crate::sink::{Sink, SinkError};
 
 pub use batch::{BatchBuilder, BatchError, Step};
-pub use imports::PipelineImports;
+pub use imports::{ImportFailure, PipelineImports};
 
 /// How events are grouped into handler calls.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +54,13 @@ impl Default for BatchOptions {
 }
 
 /// How a failed handler call is retried.
+///
+/// Why it failed decides how: when the embedder or the sink refused a request (a permanent
+/// [`ImportFailure`]) the pipeline stops at once, since the same call fails the same way; when
+/// one of them was unavailable (transient) the call is retried for up to `outage_limit` without
+/// counting against `max_attempts`, so a restarting vector store or model server is ridden
+/// out; any other failure (a trap, a time or memory limit, the handler's own error) gets
+/// `max_attempts` tries.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// Tries per batch, the first included. After the last one the pipeline stops.
@@ -62,6 +69,8 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     /// Upper bound on the wait.
     pub max_backoff: Duration,
+    /// How long a batch is retried while the embedder or the sink is unavailable.
+    pub outage_limit: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -70,6 +79,7 @@ impl Default for RetryPolicy {
             max_attempts: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            outage_limit: Duration::from_secs(600),
         }
     }
 }
@@ -412,9 +422,14 @@ impl Pipeline {
         events: &[ChangeEvent],
     ) -> Result<(), PipelineError> {
         let config = &self.config;
+        // Tries that failed for another reason than an outage, and tries in all.
         let mut attempt = 0;
+        let mut tries = 0;
+        let mut outage_started: Option<tokio::time::Instant> = None;
         loop {
             attempt += 1;
+            tries += 1;
+            self.imports.take_failure();
             let instance = match handler {
                 Some(instance) => instance,
                 None => handler.insert(
@@ -436,20 +451,51 @@ impl Pipeline {
             *handler = None;
             let first_lsn = events.first().map_or(Lsn::ZERO, |event| event.lsn);
             let last_lsn = events.last().map_or(Lsn::ZERO, |event| event.lsn);
-            if attempt >= config.retry.max_attempts {
-                return Err(PipelineError::HandlerFailed {
-                    attempts: attempt,
-                    events: events.len(),
-                    first_lsn,
-                    last_lsn,
-                    error,
-                });
+            let failed = |attempts| PipelineError::HandlerFailed {
+                attempts,
+                events: events.len(),
+                first_lsn,
+                last_lsn,
+                error,
+            };
+            let import_failure = self.imports.take_failure();
+            match import_failure {
+                Some(ImportFailure::Permanent) => {
+                    warn!(
+                        pipeline = %config.name, %first_lsn,
+                        "the embedder or the sink refused a request of this batch; retrying \
+                         cannot help, stopping"
+                    );
+                    return Err(failed(tries));
+                }
+                Some(ImportFailure::Transient) => {
+                    // An outage does not use up the batch's tries; its length is bounded.
+                    attempt -= 1;
+                    let started = *outage_started.get_or_insert_with(tokio::time::Instant::now);
+                    if started.elapsed() >= config.retry.outage_limit {
+                        return Err(failed(tries));
+                    }
+                }
+                None => {
+                    outage_started = None;
+                    if attempt >= config.retry.max_attempts {
+                        return Err(failed(tries));
+                    }
+                }
             }
-            let wait = config.retry.backoff(attempt);
-            warn!(
-                pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
-                %first_lsn, %error, ?wait, "handler failed; retrying the batch on a fresh instance"
-            );
+            let wait = config.retry.backoff(tries);
+            if import_failure.is_some() {
+                warn!(
+                    pipeline = %config.name, try_number = tries, %first_lsn, ?wait,
+                    outage_limit = ?config.retry.outage_limit,
+                    "the embedder or the sink is unavailable; retrying the batch until it is back"
+                );
+            } else {
+                warn!(
+                    pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
+                    %first_lsn, ?wait, "handler failed; retrying the batch on a fresh instance"
+                );
+            }
             sleep(wait).await;
         }
     }

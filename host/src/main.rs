@@ -159,7 +159,7 @@ struct Args {
     sink_dsn: Option<String>,
 
     /// Sink table (`schema.table`), Qdrant collection or, for jsonl, the file
-    /// [default: <table>_embeddings].
+    /// [default: <table>_embeddings, or <table>_embeddings.jsonl for jsonl].
     #[arg(long, env = "PGSTREAM_COLLECTION", global = true)]
     collection: Option<String>,
 

@@ -553,10 +553,113 @@ macro_rules! in_every_language {
 
 in_every_language!(pgvector_follows_inserts_updates_deletes_and_truncate:
     rust => "embed-handler",
+    python => "python-handler",
     js => "js-handler",
     c => "c-handler",
-    python => "python-handler",
 );
+
+in_every_language!(ends_in_the_state_the_rust_handler_ends_in:
+    python => "python-handler",
+    js => "js-handler",
+    c => "c-handler",
+);
+
+/// The example handlers promise one behaviour in every language. Two databases get the same
+/// changes, mixing every case a handler must get right (typed payload values, quotes, control
+/// characters and non-ASCII text, NaN, jsonb, timestamps, an UPDATE that leaves a TOASTed
+/// `content` alone, a key change, `content` set to NULL, a delete, a truncate); the Rust example
+/// handles one, `plugin` the other, each into a JSON-lines sink. Replaying both sinks' writes
+/// must give the same points: same keys, same payloads, same vectors.
+async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
+    let out = TempDir::new().unwrap();
+    let mut states = Vec::new();
+    for (handler, file) in [("embed-handler", "rust.jsonl"), (plugin, "other.jsonl")] {
+        let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+        exec(
+            &db,
+            "CREATE TABLE docs (id int PRIMARY KEY, title text, price numeric, score float8,
+                                in_stock bool, meta jsonb, at timestamptz, content text);
+             ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
+             CREATE TABLE scratch (id int PRIMARY KEY, content text);",
+        )
+        .await;
+        let sink = out.path().join(file);
+        let pipeline = Pipeline::new(&db, "docs,scratch", handler, Sink::Jsonl(sink.clone()));
+        pipeline.setup().await;
+        exec(
+            &db,
+            r#"INSERT INTO docs VALUES
+                 (1, 'Tea "green" ✓ 日本', 4.50, 0.25, true, '{"tags": ["hot", "leaf"]}',
+                  '2024-02-29 12:34:56.789+00', 'Steep green tea for two minutes.'),
+                 (2, E'line\nbreak\ttab', NULL, 'NaN', false, 'null', NULL,
+                  repeat('long toasted text ', 800)),
+                 (3, 'gone', 1, 1, true, '{}', '2020-01-01 00:00:00+00', 'Deleted soon.'),
+                 (4, 'nulled', -2.5e3, -1.5, NULL, '[1, "two"]', '1999-12-31 23:59:59+00',
+                  'Content set to NULL.');
+               UPDATE docs SET title = 'renamed' WHERE id = 2;
+               UPDATE docs SET id = 5 WHERE id = 1;
+               UPDATE docs SET content = NULL WHERE id = 4;
+               DELETE FROM docs WHERE id = 3;
+               INSERT INTO scratch VALUES (1, 'temporary');
+               TRUNCATE scratch;"#,
+        )
+        .await;
+        pipeline.catch_up().await;
+        states.push(replayed_state(&sink));
+    }
+    let (rust, other) = (&states[0], &states[1]);
+    assert_eq!(
+        rust.keys().collect::<Vec<_>>(),
+        other.keys().collect::<Vec<_>>(),
+        "{plugin} left other points than the Rust handler"
+    );
+    assert_eq!(
+        rust.keys()
+            .map(|(table, key)| format!("{table} {key}"))
+            .collect::<Vec<_>>(),
+        ["docs [\"2\"]", "docs [\"5\"]"],
+        "the Rust handler's own result"
+    );
+    for (point, (payload, vector)) in rust {
+        let (other_payload, other_vector) = &other[point];
+        assert_eq!(other_payload, payload, "{plugin}: payload of {point:?}");
+        assert_close(
+            other_vector,
+            vector,
+            &format!("{plugin}: vector of {point:?}"),
+        );
+    }
+}
+
+/// The points a store would hold after applying a JSON-lines sink's writes in order:
+/// (table, key) -> (payload, vector). An upsert without a vector keeps the stored vector (and
+/// is skipped when there is none, as the pgvector and Qdrant sinks do).
+fn replayed_state(path: &Path) -> BTreeMap<(String, String), (Json, Vec<f32>)> {
+    let mut points: BTreeMap<(String, String), (Json, Vec<f32>)> = BTreeMap::new();
+    for line in jsonl(path) {
+        let table = line["table"].as_str().unwrap_or_default().to_owned();
+        let point = (table.clone(), line["key"].to_string());
+        match line["op"].as_str() {
+            Some("upsert") => match line["vector"].as_array() {
+                Some(vector) => {
+                    let vector = vector.iter().map(|x| x.as_f64().unwrap() as f32).collect();
+                    points.insert(point, (line["payload"].clone(), vector));
+                }
+                None => {
+                    if let Some(stored) = points.get_mut(&point) {
+                        stored.0 = line["payload"].clone();
+                    }
+                }
+            },
+            Some("delete") => {
+                points.remove(&point);
+            }
+            Some("delete_table") => points.retain(|(stored_table, _), _| *stored_table != table),
+            _ => panic!("unexpected write in {}: {line}", path.display()),
+        }
+    }
+    points
+}
 
 async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static str) {
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;

@@ -122,7 +122,7 @@ demo: setup guests
 # `cargo bench` builds into the release profile, where the benches look for the host binary.
 BENCH_ENV = PGSTREAM_PLUGIN_DIR=$(WASM_DIR) PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN)
 
-bench: setup guests
+bench: setup guests guests-js-starlingmonkey
 	cargo build --release -p pgstream-host --bin pgstream-host
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench pipeline
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench embedding

@@ -10,6 +10,9 @@
 //!   no embedder and the JSON-lines sink, best of `PGSTREAM_BENCH_RUNS` (default 3) runs,
 //!   wall clock from process start to exit with the compiled component cached.
 //!
+//! `js` is the QuickJS build every JavaScript handler gets; `js-sm` the same no-op on
+//! StarlingMonkey, measured to keep the choice of engine honest.
+//!
 //! `PGSTREAM_BENCH_SCALE` divides the row counts. Run with `make bench`.
 
 use std::path::Path;
@@ -30,11 +33,13 @@ const PUBLICATION: &str = "bench_pub";
 /// A drain that takes longer than this has hung.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// (language, no-op component), the reference first.
-const NOOP_HANDLERS: [(&str, &str); 4] = [
+/// (language, no-op component), the reference first. JavaScript twice: QuickJS (the default,
+/// componentize-qjs) and StarlingMonkey (componentize-js), the engine it was chosen over.
+const NOOP_HANDLERS: [(&str, &str); 5] = [
     ("rust", "noop-handler"),
     ("python", "python-noop"),
     ("js", "js-noop"),
+    ("js-sm", "js-noop-starlingmonkey"),
     ("c", "c-noop"),
 ];
 

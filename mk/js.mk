@@ -35,28 +35,19 @@ $(JS_TOOLS_ENV): $(NODE_TOOLS_STAMP) mk/js.mk
 		echo "export PGSTREAM_TSC=$(TSC)"; \
 	} >$@
 
-# The declarations are committed (editors need them before any build) in the example and the
-# template; this checks that both are what the WIT generates today, and that the template's
-# helper module is the example's.
-$(JS_BUILD)/types.checked: wit/handler.wit mk/js/wit-types.mjs $(JS_TYPES) templates/js/types/pgstream-handler.d.ts \
-		examples/js-handler/pgstream.ts templates/js/pgstream.ts examples/js-handler/types/globals.d.ts \
-		templates/js/types/globals.d.ts $(NODE_TOOLS_STAMP)
+# The declarations are committed (editors need them before any build; `pgstream-host new
+# --lang js` writes them, with the helper, into new projects); this checks that they are what
+# the WIT generates today.
+$(JS_BUILD)/types.checked: wit/handler.wit mk/js/wit-types.mjs $(JS_TYPES) $(NODE_TOOLS_STAMP)
 	mkdir -p $(JS_BUILD)
 	node mk/js/wit-types.mjs $(NODE_TOOLS) wit $(JS_BUILD)/pgstream-handler.d.ts
-	for copy in $(JS_TYPES) templates/js/types/pgstream-handler.d.ts; do \
-		cmp -s $(JS_BUILD)/pgstream-handler.d.ts $$copy \
-			|| { echo "$$copy is stale: run 'make js-types'" >&2; exit 1; }; \
-	done
-	for file in pgstream.ts types/globals.d.ts; do \
-		cmp -s examples/js-handler/$$file templates/js/$$file \
-			|| { echo "templates/js/$$file differs from examples/js-handler/$$file: copy it" >&2; exit 1; }; \
-	done
+	cmp -s $(JS_BUILD)/pgstream-handler.d.ts $(JS_TYPES) \
+		|| { echo "$(JS_TYPES) is stale: run 'make js-types'" >&2; exit 1; }
 	touch $@
 
 # Regenerates the committed declarations after a WIT change.
 js-types: $(NODE_TOOLS_STAMP)
 	node mk/js/wit-types.mjs $(NODE_TOOLS) wit $(JS_TYPES)
-	cp $(JS_TYPES) templates/js/types/pgstream-handler.d.ts
 
 # $(call js-component,entry file,tsconfig dir or empty,output name)
 define js-component

@@ -6,8 +6,9 @@
 //! `{{name_snake}}` (the same with underscores, for identifiers and Rust artifact names)
 //! replaced in its path and contents. The WIT package the host speaks is written to
 //! `wit/handler.wit` of every project, so the project builds against exactly the contract of
-//! the binary that created it. Rust projects also get a copy of the guest SDK
-//! (`pgstream-guest/`), which is not published on crates.io.
+//! the binary that created it. The helper modules (Python, JS, C) come from the repository's
+//! example handlers rather than from copies in the templates, and Rust projects get a copy of
+//! the guest SDK (`pgstream-guest/`), which is not published on crates.io.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,52 @@ static GUEST_SDK_SOURCES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../guest-s
 
 /// The WIT package every handler is built against: the one this host was built with.
 const HANDLER_WIT: &str = include_str!("../../wit/handler.wit");
+
+/// Files a language's projects share with the repository's own example handler, embedded from
+/// there so that the two cannot drift apart: (language, path in the project, contents). The
+/// examples are what the end-to-end tests run.
+const SHARED_FILES: &[(Language, &str, &str)] = &[
+    (
+        Language::Python,
+        "app.py",
+        include_str!("../../examples/python-handler/app.py"),
+    ),
+    (
+        Language::Python,
+        "pgstream.py",
+        include_str!("../../examples/python-handler/pgstream.py"),
+    ),
+    (
+        Language::Js,
+        "pgstream.ts",
+        include_str!("../../examples/js-handler/pgstream.ts"),
+    ),
+    (
+        Language::Js,
+        "types/pgstream-handler.d.ts",
+        include_str!("../../examples/js-handler/types/pgstream-handler.d.ts"),
+    ),
+    (
+        Language::Js,
+        "types/globals.d.ts",
+        include_str!("../../examples/js-handler/types/globals.d.ts"),
+    ),
+    (
+        Language::C,
+        "pgstream.c",
+        include_str!("../../examples/c-handler/pgstream.c"),
+    ),
+    (
+        Language::C,
+        "pgstream.h",
+        include_str!("../../examples/c-handler/pgstream.h"),
+    ),
+    (
+        Language::C,
+        "strip-debug.py",
+        include_str!("../../mk/wasm_strip_debug.py"),
+    ),
+];
 
 /// A language `new` can write a project for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +171,16 @@ pub fn render(language: Language, name: &str) -> Result<Vec<ProjectFile>, Scaffo
             executable,
         });
     });
+    for (_, path, contents) in SHARED_FILES
+        .iter()
+        .filter(|(shared_by, ..)| *shared_by == language)
+    {
+        files.push(ProjectFile {
+            path: PathBuf::from(path),
+            contents: contents.as_bytes().to_vec(),
+            executable: false,
+        });
+    }
     files.push(ProjectFile {
         path: PathBuf::from("wit/handler.wit"),
         contents: HANDLER_WIT.as_bytes().to_vec(),

@@ -114,7 +114,7 @@ async fn main() -> Result<()> {
         .await?;
     for (language, ..) in NOOP_HANDLERS {
         for run in 0..=runs {
-            create_slot(&db, &format!("{language}_{run}")).await?;
+            create_slot(&db, &slot_name(language, run)).await?;
         }
     }
     println!(
@@ -133,7 +133,7 @@ async fn main() -> Result<()> {
             &db,
             &plugin,
             &cache,
-            &format!("{language}_0"),
+            &slot_name(language, 0),
             &end,
             &workload,
         )
@@ -144,7 +144,7 @@ async fn main() -> Result<()> {
                 &db,
                 &plugin,
                 &cache,
-                &format!("{language}_{run}"),
+                &slot_name(language, run),
                 &end,
                 &workload,
             )
@@ -261,6 +261,11 @@ async fn drain(
     .map(|arg| arg.to_string())
     .collect();
     drain_host(&args, workload.events(), DRAIN_TIMEOUT).await
+}
+
+/// The slot of `language`'s run `run` (slot names take lowercase letters, digits and `_`).
+fn slot_name(language: &str, run: usize) -> String {
+    format!("{}_{run}", language.replace('-', "_"))
 }
 
 fn ms(duration: Duration) -> f64 {

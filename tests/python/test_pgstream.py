@@ -7,7 +7,6 @@ inside a component, are replaced by recorders.
 
 import datetime as dt
 import json
-import pathlib
 import unittest
 from decimal import Decimal
 from unittest import mock
@@ -16,8 +15,6 @@ import pgstream
 from componentize_py_types import Err
 from pgstream import UNCHANGED, Operation, PointKey, TypeOid, WritePlan
 from wit_world.imports import types
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def column(name, oid, value):
@@ -301,18 +298,6 @@ class ExportTest(unittest.TestCase):
         world = pgstream.export(lambda events: seen.extend(events))()
         world.handle([event(Operation.DELETE, [column("id", TypeOid.INT4, "4")]).raw])
         self.assertEqual([e.point_key() for e in seen], [key("4")])
-
-
-class TemplateCopyTest(unittest.TestCase):
-    def test_template_ships_the_example_handler_and_helper(self):
-        for name in ("pgstream.py", "app.py"):
-            template = ROOT / "templates" / "python" / name
-            example = ROOT / "examples" / "python-handler" / name
-            self.assertEqual(
-                template.read_text(),
-                example.read_text(),
-                f"templates/python/{name} must be a copy of examples/python-handler/{name}",
-            )
 
 
 if __name__ == "__main__":

@@ -192,8 +192,14 @@ mod js {
             "the exception's class and message reach the log as the handler's error:\n{log}"
         );
         // QuickJS stack lines: `    at <function> (<bundle>:<line>:<column>)`, innermost first.
-        let check_content = log.find("at checkContent (/js-error-handler.js:");
-        let visit = log.find("at visit (/js-error-handler.js:");
+        // The bundle's path depends on where the target folder is: match its file name only.
+        let frame = |function: &str| {
+            log.lines().position(|line| {
+                line.contains(&format!("at {function} (")) && line.contains("js-error-handler.js:")
+            })
+        };
+        let check_content = frame("checkContent");
+        let visit = frame("visit");
         assert!(
             matches!((check_content, visit), (Some(inner), Some(outer)) if inner < outer),
             "the JS stack, innermost frame first, follows the message:\n{log}"

@@ -79,7 +79,7 @@ enum LanguageArg {
     Rust,
     /// Python (componentize-py).
     Python,
-    /// JavaScript or TypeScript (jco, componentize-js).
+    /// JavaScript or TypeScript (componentize-qjs on QuickJS, tsc, rolldown).
     Js,
     /// C (wit-bindgen c, zig cc).
     C,

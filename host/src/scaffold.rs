@@ -78,16 +78,14 @@ pub enum Language {
     Rust,
     /// Python, packaged with componentize-py.
     Python,
-    /// JavaScript or TypeScript, packaged with jco (componentize-js).
+    /// JavaScript or TypeScript, type-checked by tsc, bundled by rolldown and packaged on the
+    /// QuickJS engine by componentize-qjs.
     Js,
     /// C, bound with `wit-bindgen c` and compiled with `zig cc`.
     C,
 }
 
 impl Language {
-    /// Every supported language, in the order help texts list them.
-    pub const ALL: [Language; 4] = [Language::Rust, Language::Python, Language::Js, Language::C];
-
     /// The name used on the command line and as the template folder.
     pub fn name(self) -> &'static str {
         match self {

@@ -565,7 +565,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             })
             .await
             .context("loading the plugin panicked")??;
-            let result = pipeline.run(shutdown_signal()).await;
+            let result = pipeline.run(listen_for_shutdown()).await;
             if let Some(cache) = embedder.cache_stats() {
                 info!(
                     hits = cache.hits,
@@ -723,19 +723,50 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("pgstream-host"))
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Starts listening for SIGINT and SIGTERM and returns a future that resolves on the first
+/// one; a second one ends the process at once.
+///
+/// The first signal lets the pipeline finish (or give up on) the batch in flight and confirm
+/// it. That can take as long as one handler call, so a second signal is the way out when the
+/// operator cannot wait: nothing unconfirmed is lost, the next start replays it. The signals
+/// are watched by a task of their own, so the second one is noticed while the pipeline is busy
+/// inside a handler call and not polling its shutdown future.
+fn listen_for_shutdown() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(error) => {
-            error!("cannot listen for SIGTERM: {error}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let (requested, on_request) = tokio::sync::oneshot::channel::<()>();
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = interrupt.recv() => info!("SIGINT received; finishing the batch in flight (send it again to exit now)"),
+                    _ = terminate.recv() => info!("SIGTERM received; finishing the batch in flight (send it again to exit now)"),
+                }
+                let _ = requested.send(());
+                // The shell's convention: 128 plus the signal's number.
+                let code = tokio::select! {
+                    _ = interrupt.recv() => 128 + 2,
+                    _ = terminate.recv() => 128 + 15,
+                };
+                eprintln!(
+                    "error: second signal received; exiting without finishing the batch in \
+                     flight (its changes were not confirmed and are replayed at the next start)"
+                );
+                std::process::exit(code);
+            });
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received; finishing the batch in flight"),
-        _ = terminate.recv() => info!("SIGTERM received; finishing the batch in flight"),
+        // Practically unreachable. A signal whose handler was not installed keeps its default
+        // action and ends the process, which loses nothing: only handled batches are confirmed.
+        (Err(error), _) | (_, Err(error)) => {
+            error!("cannot listen for SIGINT and SIGTERM: {error}");
+            drop(requested);
+        }
+    }
+    async move {
+        if on_request.await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -176,6 +176,11 @@ impl HostProcess {
         self.wait_timeout(timeout).await
     }
 
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn send_terminate(&mut self) -> Result<()> {
+        self.signal(Signal::TERM)
+    }
+
     /// Kills the host with SIGKILL, as a crash or an OOM kill would: it gets no chance to
     /// flush or acknowledge anything. Returns once the process is gone.
     pub async fn kill(&mut self) -> Result<ExitStatus> {

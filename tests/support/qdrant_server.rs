@@ -147,9 +147,9 @@ impl FakeQdrant {
             .collect()
     }
 
-    /// Makes the next `count` requests (of any kind) fail with `code`.
+    /// Makes the next `count` requests (of any kind) fail with `code`; 0 ends the failures.
     pub fn fail_next(&self, count: u32, code: Code) {
-        self.lock().failures = Some((count, code));
+        self.lock().failures = (count > 0).then_some((count, code));
     }
 
     /// Makes every request wait `delay` before it is handled.

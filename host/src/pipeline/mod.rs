@@ -17,6 +17,7 @@ mod imports;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -339,13 +340,18 @@ impl Pipeline {
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {
-                    self.flush(&mut builder, handler, &stream, summary).await?;
+                    self.flush(&mut builder, handler, &stream, summary, None).await?;
                     info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
                     stream.shutdown().await.ok();
                     return Ok(StreamEnd::Finished);
                 }
                 _ = &mut batch_deadline, if batch_open => {
-                    self.flush(&mut builder, handler, &stream, summary).await?;
+                    if self.flush(&mut builder, handler, &stream, summary, Some(shutdown.as_mut())).await?
+                        == Flushed::Abandoned
+                    {
+                        stream.shutdown().await.ok();
+                        return Ok(StreamEnd::Finished);
+                    }
                     batch_open = false;
                     continue;
                 }
@@ -370,7 +376,20 @@ impl Pipeline {
                     Step::Continue => {}
                     Step::Confirm(lsn) => confirm(&stream, summary, lsn),
                     Step::BatchFull => {
-                        self.flush(&mut builder, handler, &stream, summary).await?;
+                        if self
+                            .flush(
+                                &mut builder,
+                                handler,
+                                &stream,
+                                summary,
+                                Some(shutdown.as_mut()),
+                            )
+                            .await?
+                            == Flushed::Abandoned
+                        {
+                            stream.shutdown().await.ok();
+                            return Ok(StreamEnd::Finished);
+                        }
                         batch_open = false;
                     }
                 }
@@ -383,7 +402,20 @@ impl Pipeline {
                 if let Some(stop) = config.stop_at
                     && builder.reached(stop)
                 {
-                    self.flush(&mut builder, handler, &stream, summary).await?;
+                    if self
+                        .flush(
+                            &mut builder,
+                            handler,
+                            &stream,
+                            summary,
+                            Some(shutdown.as_mut()),
+                        )
+                        .await?
+                        == Flushed::Abandoned
+                    {
+                        stream.shutdown().await.ok();
+                        return Ok(StreamEnd::Finished);
+                    }
                     if summary.confirmed >= stop {
                         info!(pipeline = %config.name, confirmed = %summary.confirmed, "reached --stop-at-lsn");
                         stream.shutdown().await.ok();
@@ -396,16 +428,28 @@ impl Pipeline {
     }
 
     /// Hands the pending events to the handler and confirms what they complete.
+    ///
+    /// `shutdown` is the stop request still to come, watched while a failed call waits for its
+    /// retry; `None` means the stop was already asked for, so a failure is not retried at all.
+    /// Either way a batch given up on is not confirmed, and the next start replays it.
     async fn flush(
         &self,
         builder: &mut BatchBuilder,
         handler: &mut Option<HandlerInstance>,
         stream: &ReplicationStream,
         summary: &mut RunSummary,
-    ) -> Result<(), PipelineError> {
+        shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send)>>,
+    ) -> Result<Flushed, PipelineError> {
         let (events, completes) = builder.take();
         if !events.is_empty() {
-            self.handle_with_retry(handler, &events).await?;
+            if self.handle_with_retry(handler, &events, shutdown).await? == Flushed::Abandoned {
+                warn!(
+                    pipeline = %self.config.name, events = events.len(),
+                    confirmed = %summary.confirmed,
+                    "stopping with a failed batch not confirmed; the next start replays it"
+                );
+                return Ok(Flushed::Abandoned);
+            }
             summary.events += events.len() as u64;
             summary.batches += 1;
         }
@@ -413,14 +457,15 @@ impl Pipeline {
             confirm(stream, summary, lsn);
         }
         builder.recycle(events);
-        Ok(())
+        Ok(Flushed::Done)
     }
 
     async fn handle_with_retry(
         &self,
         handler: &mut Option<HandlerInstance>,
         events: &[ChangeEvent],
-    ) -> Result<(), PipelineError> {
+        mut shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send)>>,
+    ) -> Result<Flushed, PipelineError> {
         let config = &self.config;
         // Tries that failed for another reason than an outage, and tries in all.
         let mut attempt = 0;
@@ -443,7 +488,7 @@ impl Pipeline {
                 ),
             };
             let error = match instance.handle(events).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(Flushed::Done),
                 Err(error) => error,
             };
             // A failed instance may hold half-updated guest state (or be poisoned by a trap):
@@ -451,7 +496,7 @@ impl Pipeline {
             *handler = None;
             let first_lsn = events.first().map_or(Lsn::ZERO, |event| event.lsn);
             let last_lsn = events.last().map_or(Lsn::ZERO, |event| event.lsn);
-            let failed = |attempts| PipelineError::HandlerFailed {
+            let failed = |attempts, error| PipelineError::HandlerFailed {
                 attempts,
                 events: events.len(),
                 first_lsn,
@@ -466,37 +511,47 @@ impl Pipeline {
                         "the embedder or the sink refused a request of this batch; retrying \
                          cannot help, stopping"
                     );
-                    return Err(failed(tries));
+                    return Err(failed(tries, error));
                 }
                 Some(ImportFailure::Transient) => {
                     // An outage does not use up the batch's tries; its length is bounded.
                     attempt -= 1;
                     let started = *outage_started.get_or_insert_with(tokio::time::Instant::now);
                     if started.elapsed() >= config.retry.outage_limit {
-                        return Err(failed(tries));
+                        return Err(failed(tries, error));
                     }
                 }
                 None => {
                     outage_started = None;
                     if attempt >= config.retry.max_attempts {
-                        return Err(failed(tries));
+                        return Err(failed(tries, error));
                     }
                 }
             }
+            // A stop asked for before this try: the operator wants the process gone, not an
+            // outage ridden out. The batch stays unconfirmed and is replayed at the next start.
+            let Some(shutdown) = shutdown.as_mut() else {
+                warn!(pipeline = %config.name, %first_lsn, %error, "the batch failed while stopping");
+                return Ok(Flushed::Abandoned);
+            };
             let wait = config.retry.backoff(tries);
             if import_failure.is_some() {
                 warn!(
                     pipeline = %config.name, try_number = tries, %first_lsn, ?wait,
-                    outage_limit = ?config.retry.outage_limit,
+                    outage_limit = ?config.retry.outage_limit, %error,
                     "the embedder or the sink is unavailable; retrying the batch until it is back"
                 );
             } else {
                 warn!(
                     pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
-                    %first_lsn, ?wait, "handler failed; retrying the batch on a fresh instance"
+                    %first_lsn, ?wait, %error,
+                    "handler failed; retrying the batch on a fresh instance"
                 );
             }
-            sleep(wait).await;
+            tokio::select! {
+                _ = shutdown.as_mut() => return Ok(Flushed::Abandoned),
+                _ = sleep(wait) => {}
+            }
         }
     }
 
@@ -546,6 +601,15 @@ fn confirm(stream: &ReplicationStream, summary: &mut RunSummary, lsn: Lsn) {
 enum StreamEnd {
     Finished,
     Lost(ReplicationError),
+}
+
+/// What became of a batch handed to the handler.
+#[derive(Debug, PartialEq, Eq)]
+enum Flushed {
+    /// Handled, and the commits it completes confirmed.
+    Done,
+    /// Failed, and a stop was asked for before it could be retried: not confirmed.
+    Abandoned,
 }
 
 /// Logs a progress line at most every `interval`.

@@ -567,9 +567,9 @@ in_every_language!(ends_in_the_state_the_rust_handler_ends_in:
 /// The example handlers promise one behaviour in every language. Two databases get the same
 /// changes, mixing every case a handler must get right (typed payload values, quotes, control
 /// characters and non-ASCII text, NaN, jsonb, timestamps, an UPDATE that leaves a TOASTed
-/// `content` alone, a key change, `content` set to NULL, a delete, a truncate); the Rust example
-/// handles one, `plugin` the other, each into a JSON-lines sink. Replaying both sinks' writes
-/// must give the same points: same keys, same payloads, same vectors.
+/// `content` alone, a key change, `content` NULL, empty or blank, a delete, a truncate); the
+/// Rust example handles one, `plugin` the other, each into a JSON-lines sink. Replaying both
+/// sinks' writes must give the same points: same keys, same payloads, same vectors.
 async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
     let out = TempDir::new().unwrap();
     let mut states = Vec::new();
@@ -595,10 +595,15 @@ async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
                   repeat('long toasted text ', 800)),
                  (3, 'gone', 1, 1, true, '{}', '2020-01-01 00:00:00+00', 'Deleted soon.'),
                  (4, 'nulled', -2.5e3, -1.5, NULL, '[1, "two"]', '1999-12-31 23:59:59+00',
-                  'Content set to NULL.');
+                  'Content set to NULL.'),
+                 (6, 'empty', NULL, NULL, NULL, NULL, NULL, ''),
+                 (7, 'blank', NULL, NULL, NULL, NULL, NULL, E' \t\r\n\f '),
+                 (8, 'vertical tab', NULL, NULL, NULL, NULL, NULL, E'\x0B'),
+                 (9, 'blanked', NULL, NULL, NULL, NULL, NULL, 'Text that goes away.');
                UPDATE docs SET title = 'renamed' WHERE id = 2;
                UPDATE docs SET id = 5 WHERE id = 1;
                UPDATE docs SET content = NULL WHERE id = 4;
+               UPDATE docs SET content = '' WHERE id = 9;
                DELETE FROM docs WHERE id = 3;
                INSERT INTO scratch VALUES (1, 'temporary');
                TRUNCATE scratch;"#,
@@ -617,7 +622,8 @@ async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
         rust.keys()
             .map(|(table, key)| format!("{table} {key}"))
             .collect::<Vec<_>>(),
-        ["docs [\"2\"]", "docs [\"5\"]"],
+        // Blank means empty or only ASCII whitespace; a vertical tab is not in that set.
+        ["docs [\"2\"]", "docs [\"5\"]", "docs [\"8\"]"],
         "the Rust handler's own result"
     );
     for (point, (payload, vector)) in rust {
@@ -681,7 +687,10 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
            (2, 'coffee', 'Pull an espresso shot at nine bars.'),
            (3, 'running', 'Build mileage slowly for a marathon.'),
            (4, 'garden', 'Tomatoes want full sun.'),
-           (5, 'empty', NULL);
+           (5, 'empty', NULL),
+           (6, 'blank', E' \n\t '),
+           (7, 'emptied', 'Soon an empty string.');
+         UPDATE docs SET content = '' WHERE id = 7;
          UPDATE docs SET content = 'Steep green tea for two minutes.' WHERE id = 2;
          UPDATE docs SET title = 'long runs' WHERE id = 3;
          DELETE FROM docs WHERE id = 4;
@@ -696,7 +705,7 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
     assert_eq!(
         points.keys().copied().collect::<Vec<_>>(),
         vec![1, 2, 3],
-        "deleted and NULL-content rows have no point"
+        "deleted rows and rows with NULL or blank content have no point"
     );
     let model = embedder();
     let texts = vec![

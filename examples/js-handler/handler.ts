@@ -6,7 +6,8 @@
 // - update that did not touch a TOASTed `content` (Postgres sends it as unchanged): upserts
 //   without a vector, so the store keeps the embedding and replaces only the payload;
 // - update that changed the key: deletes the point of the old key;
-// - `content` NULL: deletes the point (there is nothing to embed);
+// - `content` NULL or blank (empty or only ASCII whitespace): deletes the point (there is
+//   nothing to embed);
 // - delete: deletes the point; truncate: deletes every point of the table.
 //
 // The payload is the row without `content`: the vector stands for the content, and leaving it
@@ -19,6 +20,9 @@ import { UNCHANGED, WritePlan, handler, oldPointKey, pointKey, row, rowJson, sam
 /** The column whose text is embedded. */
 const CONTENT = "content";
 
+/** Blank: empty or only the ASCII whitespace of the Rust example's `trim_ascii`. */
+const BLANK = /^[ \t\n\r\f]*$/;
+
 export const handle = handler(function handleBatch(events) {
   const plan = new WritePlan();
   for (const event of events) {
@@ -30,8 +34,10 @@ export const handle = handler(function handleBatch(events) {
         if (oldKey !== null && !sameKey(oldKey, key)) plan.delete(oldKey);
         const payload = rowJson(event, { skip: [CONTENT] });
         const content = row(event).text(CONTENT);
-        if (content === null) plan.delete(key);
-        else if (content === UNCHANGED) plan.upsert(key, null, payload);
+        // Blank text has no meaning to embed, and OpenAI-compatible servers refuse empty
+        // input: such a row gets no point.
+        if (content === UNCHANGED) plan.upsert(key, null, payload);
+        else if (content === null || BLANK.test(content)) plan.delete(key);
         else plan.upsert(key, content, payload);
         break;
       }

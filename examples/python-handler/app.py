@@ -5,7 +5,8 @@
 - update that did not touch a TOASTed `content` (Postgres sends it as unchanged): upserts
   without a vector, so the store keeps the embedding and replaces only the payload;
 - update that changed the key: deletes the point of the old key;
-- `content` NULL: deletes the point (there is nothing to embed);
+- `content` NULL or blank (empty or only ASCII whitespace): deletes the point (there is
+  nothing to embed);
 - delete: deletes the point; truncate: deletes every point of the table.
 
 The payload is the row without `content`: the vector stands for it, and leaving it out is what
@@ -22,6 +23,9 @@ from pgstream import UNCHANGED, Event, Operation, WritePlan
 # The column whose text is embedded.
 CONTENT = "content"
 
+# What counts as blank: the ASCII whitespace of the Rust example's `trim_ascii`.
+ASCII_WHITESPACE = " \t\n\r\f"
+
 
 def handle(events: list[Event]) -> None:
     plan = WritePlan()
@@ -33,10 +37,12 @@ def handle(events: list[Event]) -> None:
                 plan.delete(old_key)
             payload = event.row_json(skip=[CONTENT])
             content = event.row.text(CONTENT)
-            if content is None:
-                plan.delete(key)
-            elif content is UNCHANGED:
+            if content is UNCHANGED:
                 plan.upsert(key, None, payload)
+            elif content is None or not content.strip(ASCII_WHITESPACE):
+                # Blank text has no meaning to embed, and OpenAI-compatible servers refuse
+                # empty input: such a row gets no point.
+                plan.delete(key)
             else:
                 plan.upsert(key, content, payload)
         elif event.operation == Operation.DELETE:

@@ -7,7 +7,8 @@
  * - update that did not touch a TOASTed `content` (Postgres sends it as unchanged): upserts
  *   without a vector, so the store keeps the embedding and replaces only the payload;
  * - update that changed the key: deletes the point of the old key;
- * - `content` NULL: deletes the point; delete: deletes the point;
+ * - `content` NULL or blank (empty or only ASCII whitespace): deletes the point;
+ * - delete: deletes the point;
  * - truncate: deletes every point of the table.
  *
  * A batch costs one `embed` and one `upsert` call (plus one `delete` if anything was
@@ -18,6 +19,19 @@
 
 /* The column whose text is embedded. */
 static const char *const CONTENT = "content";
+
+/* Empty or only the ASCII whitespace of the Rust example's `trim_ascii`. */
+static bool is_blank(pgs_string_t text) {
+    for (size_t i = 0; i < text.len; i++) {
+        switch (text.ptr[i]) {
+        case ' ': case '\t': case '\n': case '\r': case '\f':
+            continue;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
 
 static bool plan_event(pgs_plan_t *plan, const pgs_event_t *event, pgs_error_t *err) {
     pgs_point_key_t key, old_key;
@@ -35,7 +49,12 @@ static bool plan_event(pgs_plan_t *plan, const pgs_event_t *event, pgs_error_t *
         pgs_field_t field = pgs_get_text(pgs_row(event), CONTENT, &content);
         switch (field) {
         case PGS_VALUE:
-            pgs_plan_upsert(plan, key, &content, pgs_row_json(event, &CONTENT, 1));
+            /* Blank text has no meaning to embed, and OpenAI-compatible servers refuse empty
+             * input: such a row gets no point. */
+            if (is_blank(content))
+                pgs_plan_delete(plan, key);
+            else
+                pgs_plan_upsert(plan, key, &content, pgs_row_json(event, &CONTENT, 1));
             return true;
         case PGS_UNCHANGED:
             pgs_plan_upsert(plan, key, NULL, pgs_row_json(event, &CONTENT, 1));

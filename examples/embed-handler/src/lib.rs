@@ -5,7 +5,8 @@
 //! - update that did not touch a TOASTed `content` (Postgres sends it as *unchanged*): upserts
 //!   without a vector, so the store keeps the embedding and replaces only the payload;
 //! - update that changed the key: deletes the point of the old key;
-//! - `content` NULL: deletes the point (there is nothing to embed);
+//! - `content` NULL or blank (empty or only ASCII whitespace): deletes the point (there is
+//!   nothing to embed);
 //! - delete: deletes the point; truncate: deletes every point of the table.
 //!
 //! The payload is the row *without* `content`. The vector stands for the content, and leaving
@@ -36,6 +37,9 @@ impl Handler for EmbedHandler {
                     }
                     let payload = event.row_json_with(&[CONTENT]);
                     match event.row().text(CONTENT)? {
+                        // Blank text has no meaning to embed, and OpenAI-compatible servers
+                        // refuse empty input: such a row gets no point.
+                        Field::Value(text) if text.trim_ascii().is_empty() => plan.delete(key),
                         Field::Value(text) => plan.upsert(key, Some(text.to_owned()), payload),
                         Field::Unchanged => plan.upsert(key, None, payload),
                         Field::Null => plan.delete(key),

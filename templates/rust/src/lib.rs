@@ -5,7 +5,8 @@
 //! - an update that did not touch a large (TOASTed) `content`: Postgres does not resend it, so
 //!   the point is upserted without a vector and the store keeps the one it has;
 //! - an update that changed the primary key: the point of the old key is deleted;
-//! - `content` NULL, or a delete: the point is deleted; truncate: every point of the table.
+//! - `content` NULL or blank (empty or only ASCII whitespace), or a delete: the point is
+//!   deleted; truncate: every point of the table.
 //!
 //! The host calls `handle` with a batch of changes in commit order and retries the whole batch
 //! if this returns an error or traps, so everything here must be safe to run twice (upserts
@@ -30,6 +31,9 @@ impl Handler for Embedder {
                     }
                     let payload = event.row_json_with(&[CONTENT]);
                     match event.row().text(CONTENT)? {
+                        // Blank text has no meaning to embed, and OpenAI-compatible servers
+                        // refuse empty input: such a row gets no point.
+                        Field::Value(text) if text.trim_ascii().is_empty() => plan.delete(key),
                         Field::Value(text) => plan.upsert(key, Some(text.to_owned()), payload),
                         Field::Unchanged => plan.upsert(key, None, payload),
                         Field::Null => plan.delete(key),

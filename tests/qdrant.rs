@@ -849,6 +849,110 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     assert_eq!(server.unwaited_writes(), 0);
 }
 
+/// `https://` speaks TLS and verifies the server against the system's roots, which
+/// `SSL_CERT_FILE` extends with a private certificate: without it the host refuses the server
+/// and says why, with it the pipeline writes over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_verifies_the_server_against_the_trusted_certificates() {
+    let certificates = tempfile::TempDir::new().unwrap();
+    let (certificate, key) = self_signed_localhost_certificate(certificates.path());
+    let server = FakeQdrant::start_tls(&std::fs::read(&certificate).unwrap(), &key)
+        .await
+        .unwrap();
+    assert!(server.url().starts_with("https://localhost:"));
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    exec(
+        &db,
+        "CREATE TABLE items (id int PRIMARY KEY, content text);",
+    )
+    .await;
+    let pipeline = Pipeline::new(&db, "items", server.url());
+    pipeline.setup().await;
+    exec(
+        &db,
+        "INSERT INTO items VALUES (1, 'sent over TLS'), (2, 'verified by its certificate');",
+    )
+    .await;
+    let run = |trusted: Option<&std::path::Path>| {
+        let mut command = HostProcess::command();
+        command.args(pipeline.args());
+        command
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
+        if let Some(file) = trusted {
+            command.env("SSL_CERT_FILE", file);
+        }
+        command
+    };
+
+    let mut untrusted = run(None);
+    untrusted.args(["--stop-at-lsn", &current_lsn(&db).await]);
+    let mut host = HostProcess::spawn(untrusted).expect("start host");
+    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    let log = host.log();
+    assert!(!status.success(), "an untrusted server is refused:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "the TLS certificate of the Qdrant server at {}",
+            server.url()
+        )) && log.contains("InvalidCertificate(")
+            && log.contains("SSL_CERT_FILE"),
+        "the error names the server, the cause and the way out:\n{log}"
+    );
+    assert!(
+        !log.contains("retrying"),
+        "a rejected certificate is not retried:\n{log}"
+    );
+    assert_eq!(server.requests(), 0, "nothing was sent to it");
+
+    let mut trusted = run(Some(&certificate));
+    trusted.args(["--stop-at-lsn", &current_lsn(&db).await]);
+    let mut host = HostProcess::spawn(trusted).expect("start host");
+    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    assert!(status.success(), "host failed ({status}):\n{}", host.log());
+    let points = Store::Fake(&server)
+        .points(&pipeline.collection(), "items")
+        .await;
+    assert_eq!(points.keys().copied().collect::<Vec<i64>>(), [1, 2]);
+}
+
+/// Writes a self-signed certificate for `localhost` (not a CA, so it can serve as its own
+/// trust anchor) and its key; returns the certificate's path and the key's PEM.
+fn self_signed_localhost_certificate(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let output = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "certificate.pem",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        output.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let key = std::fs::read(dir.join("key.pem")).unwrap();
+    (dir.join("certificate.pem"), key)
+}
+
 /// A stop asked for while the pipeline waits out an outage ends the process at once, not at
 /// the outage limit: the failed batch stays unconfirmed, and the next start delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,8 @@ const UNWAITED_APPLY_DELAY: Duration = Duration::from_millis(300);
 /// A running fake Qdrant; stops when dropped.
 pub struct FakeQdrant {
     address: SocketAddr,
+    /// Whether the server speaks TLS (`start_tls`).
+    tls: bool,
     state: Arc<Mutex<State>>,
     shutdown: Option<oneshot::Sender<()>>,
 }
@@ -64,6 +66,18 @@ pub struct CollectionSummary {
 impl FakeQdrant {
     /// Starts a server on 127.0.0.1 on a free port, on the current tokio runtime.
     pub async fn start() -> std::io::Result<FakeQdrant> {
+        FakeQdrant::start_with(None).await
+    }
+
+    /// Like [`start`](Self::start), but the server speaks TLS with this certificate chain and
+    /// key (PEM); its [`url`](Self::url) then names `localhost`, for the certificate to match.
+    pub async fn start_tls(certificate: &[u8], key: &[u8]) -> std::io::Result<FakeQdrant> {
+        FakeQdrant::start_with(Some(tonic::transport::Identity::from_pem(certificate, key))).await
+    }
+
+    async fn start_with(
+        identity: Option<tonic::transport::Identity>,
+    ) -> std::io::Result<FakeQdrant> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
@@ -71,7 +85,14 @@ impl FakeQdrant {
             state: state.clone(),
         });
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        let tls = identity.is_some();
+        if let Some(identity) = identity {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(std::io::Error::other)?;
+        }
+        let server = builder
             .add_service(
                 PointsServer::from_arc(service.clone())
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -94,14 +115,19 @@ impl FakeQdrant {
         });
         Ok(FakeQdrant {
             address,
+            tls,
             state,
             shutdown: Some(shutdown),
         })
     }
 
-    /// The URL to give a client: `http://127.0.0.1:<port>`.
+    /// The URL to give a client: `http://127.0.0.1:<port>`, or `https://localhost:<port>`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        if self.tls {
+            format!("https://localhost:{}", self.address.port())
+        } else {
+            format!("http://{}", self.address)
+        }
     }
 
     /// Creates a cosine collection of `size`-float vectors directly (no request counted).

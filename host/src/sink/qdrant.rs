@@ -230,6 +230,15 @@ impl QdrantSink {
                         self.options.collection
                     )));
                 }
+                Failure::UntrustedCertificate(reason) => {
+                    return Err(SinkError::Rejected(format!(
+                        "the TLS certificate of the Qdrant server at {} is not trusted \
+                         ({reason}); the system's root certificates are trusted, and a server \
+                         whose certificate comes from a private CA is trusted once \
+                         SSL_CERT_FILE names a PEM file holding that CA's certificate",
+                        self.options.url
+                    )));
+                }
                 Failure::Transient { retry_after } => {
                     if attempt >= max_attempts {
                         return Err(SinkError::Unavailable(Box::new(QdrantUnavailable {
@@ -591,6 +600,8 @@ enum Failure {
     Transient { retry_after: Option<Duration> },
     /// Will fail the same way again; the message says why.
     Permanent(String),
+    /// The server's TLS certificate is not trusted: no request reached it.
+    UntrustedCertificate(String),
 }
 
 /// Sorts a Qdrant client error into transient or permanent: the one place that knows which
@@ -609,6 +620,11 @@ fn classify(error: &QdrantError) -> Failure {
         QdrantError::Io(_) => return Failure::Transient { retry_after: None },
         other => return Failure::Permanent(other.to_string()),
     };
+    if status.code() == Code::Internal
+        && let Some(reason) = certificate_problem(status.message())
+    {
+        return Failure::UntrustedCertificate(reason.to_owned());
+    }
     match status.code() {
         // `Cancelled` is what tonic reports when the request timeout expires; `Internal` what
         // qdrant-client reports when it cannot connect; `Unknown` covers broken HTTP/2
@@ -627,6 +643,28 @@ fn classify(error: &QdrantError) -> Failure {
         )),
         code => Failure::Permanent(format!("{} ({code:?})", status.message())),
     }
+}
+
+/// The certificate error in the text of a failed TLS connection, e.g.
+/// `InvalidCertificate(UnknownIssuer)`. qdrant-client reports a connection failure only as an
+/// `Internal` status whose message is the transport error's debug text, so the text is all
+/// there is to go by; a certificate the client rejects is rejected again on every try.
+fn certificate_problem(message: &str) -> Option<&str> {
+    let start = message.find("InvalidCertificate(")?;
+    let mut depth = 0usize;
+    for (offset, character) in message[start..].char_indices() {
+        match character {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&message[start..=start + offset]);
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(&message[start..])
 }
 
 /// The wait after failed try number `attempt` (1-based): `initial * 2^(attempt-1)` capped at
@@ -919,6 +957,30 @@ mod tests {
                 retry_after: Some(Duration::from_secs(3))
             }
         );
+    }
+
+    #[test]
+    fn a_rejected_certificate_is_not_retried_and_says_why() {
+        let connect_failure = QdrantError::ResponseError {
+            status: tonic::Status::internal(
+                "Failed to connect to https://localhost:6334/: tonic::transport::Error(\
+                 Transport, ConnectError(Custom { kind: InvalidData, error: \
+                 InvalidCertificate(Other(OtherError(UnknownIssuer))) }))",
+            ),
+        };
+        assert_eq!(
+            classify(&connect_failure),
+            Failure::UntrustedCertificate(
+                "InvalidCertificate(Other(OtherError(UnknownIssuer)))".into()
+            )
+        );
+        let refused = QdrantError::ResponseError {
+            status: tonic::Status::internal(
+                "Failed to connect to http://localhost:6334/: tonic::transport::Error(\
+                 Transport, ConnectError(ConnectError(\"tcp connect error\", Os { code: 111 })))",
+            ),
+        };
+        assert_eq!(classify(&refused), Failure::Transient { retry_after: None });
     }
 
     #[test]

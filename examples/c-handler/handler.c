@@ -1,6 +1,7 @@
 /*
- * Keeps a vector store in sync with a table that has a `content` text column; the C twin of
- * examples/embed-handler.
+ * Keeps a vector store in sync with a table that has a `content` text column, as the example
+ * handlers in every language do (this file is also what `pgstream-host new --lang c` starts a
+ * project with):
  *
  * - insert / update: embeds `content` and upserts the point (keyed by the row's key columns)
  *   with the row as a JSON payload;
@@ -14,11 +15,11 @@
  * The payload is the row without `content`: the vector stands for it, and leaving it out makes
  * a payload-only update exact. A batch costs one `embed` and one `upsert` call (plus one
  * `delete` if anything was deleted), whatever its size: the plan collapses it to the last
- * action per row.
+ * action per row. pgstream.h documents the helper.
  */
 #include "pgstream.h"
 
-/* The column whose text is embedded. */
+/* The column whose text is embedded. Change it to match your table. */
 static const char *const CONTENT = "content";
 
 /* Empty or only the ASCII whitespace of the Rust example's `trim_ascii`. */

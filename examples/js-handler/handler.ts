@@ -1,5 +1,6 @@
-// Keeps a vector store in sync with a table that has a `content` text column; the same
-// behaviour as the Rust example (examples/embed-handler), written in TypeScript:
+// Keeps a vector store in sync with a table that has a `content` text column, as the example
+// handlers in every language do (this file is also what `pgstream-host new --lang js` starts
+// a project with; change it to fit your tables):
 //
 // - insert / update: embeds `content` and upserts the point (keyed by the row's key columns)
 //   with the row as a JSON payload;
@@ -13,11 +14,13 @@
 // The payload is the row without `content`: the vector stands for the content, and leaving it
 // out is what makes the unchanged case exact (a payload-only update then lacks nothing).
 // A batch costs one `embed` call and one `upsert` call (plus one `delete` if anything was
-// deleted), whatever its size: `WritePlan` collapses it to the last action per row.
+// deleted), whatever its size: `WritePlan` collapses it to the last action per row. The host
+// retries a batch whose call threw, so everything here must be safe to run twice (upserts and
+// deletes by key are).
 
 import { UNCHANGED, WritePlan, handler, oldPointKey, pointKey, row, rowJson, sameKey } from "./pgstream.ts";
 
-/** The column whose text is embedded. */
+/** The column whose text is embedded. Change it to match your table. */
 const CONTENT = "content";
 
 /** Blank: empty or only the ASCII whitespace of the Rust example's `trim_ascii`. */

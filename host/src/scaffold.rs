@@ -6,9 +6,10 @@
 //! `{{name_snake}}` (the same with underscores, for identifiers and Rust artifact names)
 //! replaced in its path and contents. The WIT package the host speaks is written to
 //! `wit/handler.wit` of every project, so the project builds against exactly the contract of
-//! the binary that created it. The helper modules (Python, JS, C) come from the repository's
-//! example handlers rather than from copies in the templates, and Rust projects get a copy of
-//! the guest SDK (`pgstream-guest/`), which is not published on crates.io.
+//! the binary that created it. The handler and its helper module come from the repository's
+//! example handlers rather than from copies in the templates, so a new project starts from
+//! exactly the code the end-to-end tests run; Rust projects also get a copy of the guest SDK
+//! (`pgstream-guest/`), which is not published on crates.io.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,21 @@ const HANDLER_WIT: &str = include_str!("../../wit/handler.wit");
 /// there so that the two cannot drift apart: (language, path in the project, contents). The
 /// examples are what the end-to-end tests run.
 const SHARED_FILES: &[(Language, &str, &str)] = &[
+    (
+        Language::Rust,
+        "src/lib.rs",
+        include_str!("../../examples/embed-handler/src/lib.rs"),
+    ),
+    (
+        Language::Js,
+        "handler.ts",
+        include_str!("../../examples/js-handler/handler.ts"),
+    ),
+    (
+        Language::C,
+        "handler.c",
+        include_str!("../../examples/c-handler/handler.c"),
+    ),
     (
         Language::Python,
         "app.py",

@@ -17,10 +17,15 @@
 //!
 //! A batch costs one `embed` call and one `upsert` call (plus one `delete` if anything was
 //! deleted), whatever its size: `WritePlan` collapses it to the last action per row.
+//!
+//! The host calls `handle` with a batch of changes in commit order and retries the whole batch
+//! if it returns an error or traps, so everything here must be safe to run twice (upserts and
+//! deletes by key are). This file is also the starting point `pgstream-host new --lang rust`
+//! writes.
 
 use pgstream_guest::{ChangeEvent, Error, Field, Handler, Operation, WritePlan};
 
-/// The column whose text is embedded.
+/// The column whose text is embedded. Change it to match your table.
 const CONTENT: &str = "content";
 
 struct EmbedHandler;

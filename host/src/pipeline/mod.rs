@@ -318,14 +318,32 @@ impl Pipeline {
     }
 
     /// Drives one replication session. Returns `Lost` when the connection failed in a way a
-    /// reconnect can fix; the caller then replays from the last confirmed position.
+    /// reconnect can fix; the caller then replays from the last confirmed position. A session
+    /// that `Finished` is ended politely, so the server sees the last confirmation.
     async fn stream(
         &self,
         mut stream: ReplicationStream,
+        builder: BatchBuilder,
+        handler: &mut Option<HandlerInstance>,
+        summary: &mut RunSummary,
+        shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>,
+    ) -> Result<StreamEnd, PipelineError> {
+        let end = self
+            .drive(&mut stream, builder, handler, summary, shutdown)
+            .await;
+        if let Ok(StreamEnd::Finished) = end {
+            stream.shutdown().await.ok();
+        }
+        end
+    }
+
+    async fn drive(
+        &self,
+        stream: &mut ReplicationStream,
         mut builder: BatchBuilder,
         handler: &mut Option<HandlerInstance>,
         summary: &mut RunSummary,
-        shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+        shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>,
     ) -> Result<StreamEnd, PipelineError> {
         let config = &self.config;
         // Whether `batch_deadline` is armed: a batch holds events and waits for more.
@@ -340,16 +358,15 @@ impl Pipeline {
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {
-                    self.flush(&mut builder, handler, &stream, summary, None).await?;
+                    self.flush(&mut builder, handler, stream, summary, None).await?;
                     info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
-                    stream.shutdown().await.ok();
                     return Ok(StreamEnd::Finished);
                 }
                 _ = &mut batch_deadline, if batch_open => {
-                    if self.flush(&mut builder, handler, &stream, summary, Some(shutdown.as_mut())).await?
-                        == Flushed::Abandoned
-                    {
-                        stream.shutdown().await.ok();
+                    let flushed = self
+                        .flush(&mut builder, handler, stream, summary, Some(shutdown.as_mut()))
+                        .await?;
+                    if flushed == Flushed::Abandoned {
                         return Ok(StreamEnd::Finished);
                     }
                     batch_open = false;
@@ -374,20 +391,19 @@ impl Pipeline {
                 };
                 match step {
                     Step::Continue => {}
-                    Step::Confirm(lsn) => confirm(&stream, summary, lsn),
+                    Step::Confirm(lsn) => confirm(stream, summary, lsn),
                     Step::BatchFull => {
                         if self
                             .flush(
                                 &mut builder,
                                 handler,
-                                &stream,
+                                stream,
                                 summary,
                                 Some(shutdown.as_mut()),
                             )
                             .await?
                             == Flushed::Abandoned
                         {
-                            stream.shutdown().await.ok();
                             return Ok(StreamEnd::Finished);
                         }
                         batch_open = false;
@@ -406,19 +422,17 @@ impl Pipeline {
                         .flush(
                             &mut builder,
                             handler,
-                            &stream,
+                            stream,
                             summary,
                             Some(shutdown.as_mut()),
                         )
                         .await?
                         == Flushed::Abandoned
                     {
-                        stream.shutdown().await.ok();
                         return Ok(StreamEnd::Finished);
                     }
                     if summary.confirmed >= stop {
                         info!(pipeline = %config.name, confirmed = %summary.confirmed, "reached --stop-at-lsn");
-                        stream.shutdown().await.ok();
                         return Ok(StreamEnd::Finished);
                     }
                 }

@@ -11,79 +11,19 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgstream_e2e::{
-    HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until,
+    OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline, model_dir, wait_until,
 };
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 use tempfile::TempDir;
 
-/// How long a host run to a known LSN may take (the first run compiles the plugin).
-const RUN_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Host arguments for a pgvector pipeline on `table` with the cache file `cache`, reading
-/// from `slot`.
-fn host_args(db: &TestDb, table: &str, slot: &str, cache: &Path) -> Vec<String> {
-    let plugin_cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
-    [
-        "--dsn",
-        db.dsn(),
-        "--table",
-        table,
-        "--plugin",
-        &plugin_path("embed-handler").display().to_string(),
-        "--name",
-        &db.unique_name("pipe"),
-        "--slot",
-        slot,
-        "--cache-dir",
-        &plugin_cache.display().to_string(),
-        "--model-dir",
-        &model_dir().display().to_string(),
-        "--sink",
-        "pgvector",
-        "--embed-cache",
-        &cache.display().to_string(),
-        "--batch-wait-ms",
-        "20",
-        "--progress-secs",
-        "1",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect()
-}
-
-async fn exec(db: &TestDb, sql: &str) {
-    db.client()
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {error}"));
-}
-
-async fn current_lsn(db: &TestDb) -> String {
-    db.client()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("current LSN")
-        .get(0)
-}
-
-/// Runs `pgstream-host setup`, so changes from now on are kept for `args`' slot.
-async fn setup(args: &[String]) {
-    let mut setup_args = vec!["setup".to_owned()];
-    setup_args.extend(args.iter().cloned());
-    let mut host = HostProcess::start(&setup_args).expect("start host setup");
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
-    assert!(status.success(), "setup failed:\n{}", host.log());
-}
-
-/// Runs the host to `lsn` and returns its log, asserting it exited 0.
-async fn run_to(args: &[String], lsn: &str) -> String {
-    let mut args = args.to_vec();
-    args.extend(["--stop-at-lsn".to_owned(), lsn.to_owned()]);
-    let mut host = HostProcess::start(&args).expect("start host");
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-    assert!(status.success(), "host failed ({status}):\n{}", host.log());
-    host.log()
+/// A pgvector pipeline on `table` of `db` whose vectors are cached in the file `cache`.
+fn cached_pipeline<'a>(db: &'a TestDb, table: &str, cache: &Path) -> TestPipeline<'a> {
+    TestPipeline::new(db, table, "embed-handler").with_args(&[
+        "--sink".to_owned(),
+        "pgvector".to_owned(),
+        "--embed-cache".to_owned(),
+        cache.display().to_string(),
+    ])
 }
 
 /// The counters of the host's final `embedding cache` log line (`hits=.. misses=..
@@ -150,19 +90,19 @@ async fn source_rows(db: &TestDb, table: &str) -> BTreeMap<i64, String> {
 async fn replaying_a_slot_makes_no_model_call_for_texts_already_embedded() {
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
-    exec(&db, "CREATE TABLE docs (id int PRIMARY KEY, content text);").await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text);")
+        .await;
     let out = TempDir::new().unwrap();
     let cache = out.path().join("embeddings.redb");
     let first_slot = db.unique_name("first");
     let replay_slot = db.unique_name("replay");
-    let first = host_args(&db, "docs", &first_slot, &cache);
-    let replay = host_args(&db, "docs", &replay_slot, &cache);
-    setup(&first).await;
+    let first = cached_pipeline(&db, "docs", &cache).with_slot(&first_slot);
+    let replay = cached_pipeline(&db, "docs", &cache).with_slot(&replay_slot);
+    first.setup().await;
 
     // 300 rows with 250 distinct texts, in three transactions, and an update of ids 1-20 that
     // writes their content back unchanged.
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO docs SELECT g, 'document ' || (g % 250) || ' on topic ' || (g % 250 % 13)
            FROM generate_series(1, 100) g;
          INSERT INTO docs SELECT g, 'document ' || (g % 250) || ' on topic ' || (g % 250 % 13)
@@ -179,9 +119,9 @@ async fn replaying_a_slot_makes_no_model_call_for_texts_already_embedded() {
         )
         .await
         .expect("copy the slot");
-    let end = current_lsn(&db).await;
+    let end = db.current_lsn().await;
 
-    let log = run_to(&first, &end).await;
+    let log = first.run_to_exit(None, &["--stop-at-lsn", &end]).await;
     let stats = cache_summary(&log);
     assert_eq!(
         stats["texts_embedded"], 250.0,
@@ -194,8 +134,8 @@ async fn replaying_a_slot_makes_no_model_call_for_texts_already_embedded() {
     assert_vectors_match_model(&db, "docs", &rows).await;
 
     // Lose the vector table, then replay every change from the copied slot.
-    exec(&db, "DELETE FROM docs_embeddings;").await;
-    let log = run_to(&replay, &end).await;
+    db.exec("DELETE FROM docs_embeddings;").await;
+    let log = replay.run_to_exit(None, &["--stop-at-lsn", &end]).await;
     let stats = cache_summary(&log);
     assert_eq!(
         stats["texts_embedded"], 0.0,
@@ -222,21 +162,15 @@ async fn a_restart_after_sigkill_embeds_only_texts_not_embedded_before() {
     const DISTINCT: i64 = 2_000;
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
     let out = TempDir::new().unwrap();
     let cache = out.path().join("embeddings.redb");
-    let mut args = host_args(&db, "items", &db.unique_name("slot"), &cache);
-    args.extend(["--batch-size".to_owned(), "100".to_owned()]);
-    setup(&args).await;
+    let pipeline = cached_pipeline(&db, "items", &cache).with_args(&["--batch-size", "100"]);
+    pipeline.setup().await;
 
     for start in (1..=ROWS).step_by(100) {
-        exec(
-            &db,
-            &format!(
+        db.exec(&format!(
                 "INSERT INTO items
                    SELECT g, 'item ' || (g % {DISTINCT}) || ' is about subject ' || (g % {DISTINCT} % 89)
                    FROM generate_series({start}, {}) g",
@@ -245,9 +179,9 @@ async fn a_restart_after_sigkill_embeds_only_texts_not_embedded_before() {
         )
         .await;
     }
-    let end = current_lsn(&db).await;
+    let end = db.current_lsn().await;
 
-    let mut host = HostProcess::start(&args).expect("start host");
+    let mut host = pipeline.start();
     wait_until(Duration::from_secs(240), || async {
         db.client()
             .query_one("SELECT count(*) FROM items_embeddings", &[])
@@ -269,7 +203,7 @@ async fn a_restart_after_sigkill_embeds_only_texts_not_embedded_before() {
         "the host got past the first copy of every text before the kill"
     );
 
-    let log = run_to(&args, &end).await;
+    let log = pipeline.run_to_exit(None, &["--stop-at-lsn", &end]).await;
     let stats = cache_summary(&log);
     assert!(
         stats["texts_embedded"] <= (DISTINCT - stored_at_kill) as f64,
@@ -311,16 +245,17 @@ async fn a_replay_sends_the_embedding_server_no_request() {
     let server = OpenAiServer::start().await;
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
-    exec(&db, "CREATE TABLE docs (id int PRIMARY KEY, content text);").await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text);")
+        .await;
     let out = TempDir::new().unwrap();
     let cache = out.path().join("embeddings.redb");
     let first_slot = db.unique_name("first");
     let replay_slot = db.unique_name("replay");
     let with_server = |slot: &str| {
-        let mut args = host_args(&db, "docs", slot, &cache);
-        // host_args names the local model; the server's embedder ignores --model-dir.
-        args.extend(
-            [
+        // The pipeline names the local model too; the server's embedder ignores --model-dir.
+        cached_pipeline(&db, "docs", &cache)
+            .with_slot(slot)
+            .with_args(&[
                 "--embedder",
                 "openai",
                 "--openai-base-url",
@@ -330,17 +265,14 @@ async fn a_replay_sends_the_embedding_server_no_request() {
                 // Known size: no probe request at start, so every request is an embedding.
                 "--dimensions",
                 &OpenAiServer::DIMENSIONS.to_string(),
-            ]
-            .iter()
-            .map(|arg| arg.to_string()),
-        );
-        args
+            ])
+            .with_env("PGSTREAM_OPENAI_API_KEY", OpenAiServer::API_KEY)
+            .without_env("OPENAI_API_KEY")
     };
     let first = with_server(&first_slot);
     let replay = with_server(&replay_slot);
-    run_with_key(&[&["setup".to_owned()], first.as_slice()].concat()).await;
-    exec(
-        &db,
+    first.setup().await;
+    db.exec(
         "INSERT INTO docs SELECT g, 'note ' || (g % 80) FROM generate_series(1, 120) g;
          UPDATE docs SET content = 'revised note ' || id WHERE id <= 10;",
     )
@@ -352,10 +284,10 @@ async fn a_replay_sends_the_embedding_server_no_request() {
         )
         .await
         .expect("copy the slot");
-    let end = current_lsn(&db).await;
+    let end = db.current_lsn().await;
 
-    let stop_at = ["--stop-at-lsn".to_owned(), end];
-    run_with_key(&[first.as_slice(), &stop_at].concat()).await;
+    let stop_at = ["--stop-at-lsn", &end];
+    first.run_to_exit(None, &stop_at).await;
     let first_inputs: usize = server
         .requests()
         .iter()
@@ -370,8 +302,8 @@ async fn a_replay_sends_the_embedding_server_no_request() {
     );
 
     server.clear();
-    exec(&db, "DELETE FROM docs_embeddings;").await;
-    let log = run_with_key(&[replay.as_slice(), &stop_at].concat()).await;
+    db.exec("DELETE FROM docs_embeddings;").await;
+    let log = replay.run_to_exit(None, &stop_at).await;
     assert_eq!(
         server.request_count(),
         0,
@@ -399,18 +331,4 @@ async fn a_replay_sends_the_embedding_server_no_request() {
             "vector of row {id}"
         );
     }
-}
-
-/// Runs the host with `args` and the fake server's API key, asserting it exited 0; returns its
-/// log.
-async fn run_with_key(args: &[String]) -> String {
-    let mut command = HostProcess::command();
-    command
-        .args(args)
-        .env("PGSTREAM_OPENAI_API_KEY", OpenAiServer::API_KEY)
-        .env_remove("OPENAI_API_KEY");
-    let mut host = HostProcess::spawn(command).expect("start the host");
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-    assert!(status.success(), "host failed ({status}):\n{}", host.log());
-    host.log()
 }

@@ -3,74 +3,40 @@
 //! which runs it once per language), above all that a failure inside the guest reaches the
 //! operator with the guest's own words and stack. One module per language.
 
+use pgstream_e2e::{PgServer, PgVersion, TestPipeline};
+use tempfile::TempDir;
+
+/// Runs the error-raising handler `plugin` over the rows `insert` writes to a fresh table
+/// `t (id int PRIMARY KEY, content text)`, with no embedder, a JSON-lines sink and the host
+/// arguments `args` (the retry settings), until the host gives up; returns the host's log.
+async fn run_failing_batch(plugin: &str, insert: &str, args: &[&str]) -> String {
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, content text);")
+        .await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("sink.jsonl");
+    let pipeline = TestPipeline::new(&db, "t", plugin)
+        .with_args(&["--embedder", "none", "--sink", "jsonl", "--collection"])
+        .with_args(&[sink.display().to_string()])
+        .with_args(args);
+    pipeline.setup().await;
+    db.exec(insert).await;
+    let mut host = pipeline.run_to_current_lsn().await;
+    let status = host.try_status().unwrap().expect("exited");
+    let log = host.log();
+    assert!(
+        !status.success(),
+        "the host must stop on the failing batch:\n{log}"
+    );
+    log
+}
+
 /// C handlers (`mk/c.mk`, helper `examples/c-handler/pgstream.h`).
 mod c {
-    use std::time::Duration;
-
-    use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, plugin_path};
-    use tempfile::TempDir;
-
     /// Runs `c-error-handler` once (no retry) over the rows `insert` writes, until the host
     /// gives up, and returns the host's log.
     async fn run_failing_batch(insert: &str) -> String {
-        let db: TestDb = PgServer::shared(PgVersion::Pg18).create_database().await;
-        let out = TempDir::new().unwrap();
-        db.client()
-            .batch_execute("CREATE TABLE t (id int PRIMARY KEY, content text);")
-            .await
-            .unwrap();
-        let plugin = plugin_path("c-error-handler").display().to_string();
-        let sink = out.path().join("sink.jsonl").display().to_string();
-        let cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
-        let args = |extra: &[&str]| -> Vec<String> {
-            let mut args: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
-            args.extend(
-                [
-                    "--dsn",
-                    db.dsn(),
-                    "--table",
-                    "t",
-                    "--plugin",
-                    &plugin,
-                    "--name",
-                    &db.unique_name("pipe"),
-                    "--cache-dir",
-                    &cache.display().to_string(),
-                    "--embedder",
-                    "none",
-                    "--sink",
-                    "jsonl",
-                    "--collection",
-                    &sink,
-                    "--batch-wait-ms",
-                    "20",
-                    "--max-attempts",
-                    "1",
-                ]
-                .iter()
-                .map(|arg| arg.to_string()),
-            );
-            args
-        };
-        let mut setup = HostProcess::start(args(&["setup"])).expect("start host setup");
-        let status = setup.wait_timeout(Duration::from_secs(180)).await.unwrap();
-        assert!(status.success(), "setup failed:\n{}", setup.log());
-
-        db.client().batch_execute(insert).await.unwrap();
-        let lsn: String = db
-            .client()
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let mut host = HostProcess::start(args(&["--stop-at-lsn", &lsn])).expect("start host");
-        let status = host.wait_timeout(Duration::from_secs(180)).await.unwrap();
-        let log = host.log();
-        assert!(
-            !status.success(),
-            "the host must stop on the failing batch:\n{log}"
-        );
-        log
+        super::run_failing_batch("c-error-handler", insert, &["--max-attempts", "1"]).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,84 +75,14 @@ mod c {
 
 /// JavaScript/TypeScript handlers (QuickJS, built by `mk/js.mk`).
 mod js {
-    use std::time::Duration;
-
-    use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, plugin_path, workspace_root};
-    use tempfile::TempDir;
-
-    /// How long a host run may take (the first run compiles the component).
-    const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-
-    async fn exec(db: &TestDb, sql: &str) {
-        db.client()
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|error| panic!("{sql}: {error}"));
-    }
-
-    /// Host arguments naming the database, table, plugin and a jsonl sink in `out`.
-    fn host_args(db: &TestDb, plugin: &str, out: &TempDir) -> Vec<String> {
-        let cache = workspace_root().join("target/plugin-cache");
-        [
-            "--dsn",
-            db.dsn(),
-            "--table",
-            "t",
-            "--name",
-            &db.unique_name("pipe"),
-            "--plugin",
-            &plugin_path(plugin).display().to_string(),
-            "--cache-dir",
-            &cache.display().to_string(),
-            "--embedder",
-            "none",
-            "--sink",
-            "jsonl",
-            "--collection",
-            &out.path().join("sink.jsonl").display().to_string(),
-            "--batch-wait-ms",
-            "20",
-        ]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exception_reaches_the_host_log_with_message_and_stack() {
-        let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-        let out = TempDir::new().unwrap();
-        exec(&db, "CREATE TABLE t (id int PRIMARY KEY, content text);").await;
-        let args = host_args(&db, "js-error-handler", &out);
-
-        let mut setup = HostProcess::start(std::iter::once("setup".to_owned()).chain(args.clone()))
-            .expect("start host setup");
-        let status = setup.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
-        assert!(status.success(), "setup failed:\n{}", setup.log());
-        exec(&db, "INSERT INTO t VALUES (41, 'refused');").await;
-        let lsn: String = db
-            .client()
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .expect("current LSN")
-            .get(0);
-
-        let mut run_args = args;
-        run_args.extend(
-            [
-                "--max-attempts",
-                "2",
-                "--retry-backoff-ms",
-                "10",
-                "--stop-at-lsn",
-                &lsn,
-            ]
-            .map(str::to_owned),
-        );
-        let mut host = HostProcess::start(&run_args).expect("start host");
-        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-        let log = host.log();
-        assert!(!status.success(), "the batch must fail:\n{log}");
+        let log = super::run_failing_batch(
+            "js-error-handler",
+            "INSERT INTO t VALUES (41, 'refused');",
+            &["--max-attempts", "2", "--retry-backoff-ms", "10"],
+        )
+        .await;
         assert!(
             log.contains("handler returned an error: RangeError: js-error-handler refuses row 41"),
             "the exception's class and message reach the log as the handler's error:\n{log}"
@@ -217,70 +113,17 @@ mod js {
 
 /// Python handlers (componentize-py, built by `mk/python.mk`).
 mod python {
-    use std::time::Duration;
-
-    use pgstream_e2e::{HostProcess, PgServer, PgVersion, plugin_path};
-    use tempfile::TempDir;
-
-    /// How long one host run may take (the first run compiles the ~20 MB component).
-    const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-
     /// A Python exception raised two calls deep becomes the handler's error result: the host
     /// log shows the exception's type and message and the traceback naming the function that
     /// raised it, retries, then stops without confirming the batch.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exception_reaches_the_host_log_with_its_traceback() {
-        let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-        db.client()
-            .batch_execute("CREATE TABLE t (id int PRIMARY KEY, content text);")
-            .await
-            .unwrap();
-        let out = TempDir::new().unwrap();
-        let args: Vec<String> = [
-            "--dsn",
-            db.dsn(),
-            "--table",
-            "t",
-            "--plugin",
-            &plugin_path("python-error-handler").display().to_string(),
-            "--name",
-            &db.unique_name("pipe"),
-            "--cache-dir",
-            &out.path().join("plugin-cache").display().to_string(),
-            "--embedder",
-            "none",
-            "--sink",
-            "jsonl",
-            "--collection",
-            &out.path().join("sink.jsonl").display().to_string(),
-            "--max-attempts",
-            "2",
-            "--retry-backoff-ms",
-            "20",
-        ]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
-
-        let mut setup = HostProcess::start(["setup".to_owned()].iter().chain(&args)).unwrap();
-        let status = setup.wait_timeout(RUN_TIMEOUT).await.unwrap();
-        assert!(status.success(), "setup failed:\n{}", setup.log());
-        db.client()
-            .batch_execute("INSERT INTO t VALUES (1, 'fine'), (2, 'boom');")
-            .await
-            .unwrap();
-        let lsn: String = db
-            .client()
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-
-        let mut host =
-            HostProcess::start(args.iter().chain(&["--stop-at-lsn".to_owned(), lsn])).unwrap();
-        let status = host.wait_timeout(RUN_TIMEOUT).await.unwrap();
-        let log = host.log();
-        assert!(!status.success(), "the host must fail:\n{log}");
+        let log = super::run_failing_batch(
+            "python-error-handler",
+            "INSERT INTO t VALUES (1, 'fine'), (2, 'boom');",
+            &["--max-attempts", "2", "--retry-backoff-ms", "20"],
+        )
+        .await;
         assert!(
             log.contains(
                 "handler returned an error: ValueError: python-error-handler refuses content 'boom'"

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pgstream_e2e::{HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, plugin_path};
+use pgstream_e2e::{OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline};
 use pgstream_host::embed::{
     API_KEY_ENV, ApiKey, EmbedError, Embedder, OpenAiConfig, OpenAiEmbedder, OpenAiRetryPolicy,
 };
@@ -352,23 +352,16 @@ async fn shortened_vectors_and_a_size_mismatch() {
     assert!(!error.is_retryable());
 }
 
-/// How long one host run may take (the first one compiles the plugin).
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_stores_the_servers_vectors() {
     let server = OpenAiServer::start().await;
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
-    exec(
-        &db,
-        "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);",
-    )
-    .await;
-    let args = host_args(&db, &server);
-    run_host("setup", &args).await;
-    exec(
-        &db,
+    db.exec("CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);")
+        .await;
+    let pipeline = openai_pipeline(&db, &server);
+    pipeline.setup().await;
+    db.exec(
         "INSERT INTO docs SELECT g, 'title ' || g, 'document ' || g || ' is about topic ' || g % 7
            FROM generate_series(1, 40) g;
          UPDATE docs SET content = 'rewritten document ' || id WHERE id <= 5;
@@ -378,13 +371,11 @@ async fn pipeline_stores_the_servers_vectors() {
          DELETE FROM docs WHERE id BETWEEN 36 AND 40;",
     )
     .await;
-    let lsn: String = db
-        .client()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let log = run_host("run", &[args, vec!["--stop-at-lsn".into(), lsn]].concat()).await;
+    let log = pipeline.catch_up().await;
+    assert!(
+        !log.contains(OpenAiServer::API_KEY),
+        "the API key leaked into the log:\n{log}"
+    );
     assert!(
         log.contains("asked the embedding server once for the model's vector size"),
         "{log}"
@@ -426,62 +417,23 @@ async fn pipeline_stores_the_servers_vectors() {
     );
 }
 
-async fn exec(db: &TestDb, sql: &str) {
-    db.client()
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {error}"));
-}
-
-fn host_args(db: &TestDb, server: &OpenAiServer) -> Vec<String> {
-    let cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
-    [
-        "--dsn",
-        db.dsn(),
-        "--table",
-        "docs",
-        "--plugin",
-        &plugin_path("embed-handler").display().to_string(),
-        "--name",
-        &db.unique_name("pipe"),
-        "--cache-dir",
-        &cache.display().to_string(),
-        "--sink",
-        "pgvector",
-        "--embedder",
-        "openai",
-        "--openai-base-url",
-        &server.base_url(),
-        "--openai-model",
-        OpenAiServer::MODEL,
-        "--openai-max-inputs",
-        "16",
-        "--batch-wait-ms",
-        "20",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect()
-}
-
-/// Runs `pgstream-host <command> <args>` with the fake's key in the environment, asserts it
-/// exited 0 and returns its log.
-async fn run_host(command: &str, args: &[String]) -> String {
-    let mut process = HostProcess::command();
-    process
-        .arg(command)
-        .args(args)
-        .env(API_KEY_ENV, OpenAiServer::API_KEY)
-        .env_remove("OPENAI_API_KEY");
-    let mut host = HostProcess::spawn(process).expect("start the host");
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-    let log = host.log();
-    assert!(status.success(), "host {command} failed ({status}):\n{log}");
-    assert!(
-        !log.contains(OpenAiServer::API_KEY),
-        "the API key leaked into the log:\n{log}"
-    );
-    log
+/// A pgvector pipeline on `docs` of `db` embedding through the fake `server`, with its key.
+fn openai_pipeline<'a>(db: &'a TestDb, server: &OpenAiServer) -> TestPipeline<'a> {
+    TestPipeline::new(db, "docs", "embed-handler")
+        .with_args(&[
+            "--sink",
+            "pgvector",
+            "--embedder",
+            "openai",
+            "--openai-base-url",
+            &server.base_url(),
+            "--openai-model",
+            OpenAiServer::MODEL,
+            "--openai-max-inputs",
+            "16",
+        ])
+        .with_env(API_KEY_ENV, OpenAiServer::API_KEY)
+        .without_env("OPENAI_API_KEY")
 }
 
 async fn stored_points(db: &TestDb) -> BTreeMap<i64, (Json, Vec<f32>)> {

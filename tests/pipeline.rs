@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until};
+use pgstream_e2e::{
+    HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, TestPipeline, model_dir, wait_until,
+};
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 use serde_json::Value as Json;
 use tempfile::TempDir;
@@ -38,9 +40,6 @@ on_both_versions!(
     trapping_plugin_is_retried_then_stops_without_confirming,
 );
 
-/// How long a host run to a known LSN may take (the first run compiles the plugin).
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-
 /// Where the sink writes.
 enum Sink {
     /// The pgvector table `<table>_embeddings` in the source database.
@@ -49,140 +48,18 @@ enum Sink {
     Jsonl(PathBuf),
 }
 
-/// One pipeline under test: a database, the watched table and how to start the host on it.
-struct Pipeline<'a> {
-    db: &'a TestDb,
-    table: String,
-    plugin: &'static str,
-    sink: Sink,
-    extra: Vec<String>,
-}
-
-impl<'a> Pipeline<'a> {
-    fn new(db: &'a TestDb, table: &str, plugin: &'static str, sink: Sink) -> Pipeline<'a> {
-        Pipeline {
-            db,
-            table: table.to_owned(),
-            plugin,
-            sink,
-            extra: Vec::new(),
-        }
+/// A pipeline on `table` of `db` handled by `plugin`, writing to `sink`.
+fn pipeline<'a>(db: &'a TestDb, table: &str, plugin: &str, sink: Sink) -> TestPipeline<'a> {
+    let pipeline = TestPipeline::new(db, table, plugin);
+    match sink {
+        Sink::Pgvector => pipeline.with_args(&["--sink", "pgvector"]),
+        Sink::Jsonl(path) => pipeline.with_args(&[
+            "--sink".to_owned(),
+            "jsonl".to_owned(),
+            "--collection".to_owned(),
+            path.display().to_string(),
+        ]),
     }
-
-    fn with_args(mut self, args: &[&str]) -> Self {
-        self.extra.extend(args.iter().map(|arg| arg.to_string()));
-        self
-    }
-
-    fn slot(&self) -> String {
-        self.db.unique_name("slot")
-    }
-
-    fn args(&self) -> Vec<String> {
-        let cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
-        let mut args: Vec<String> = [
-            "--dsn",
-            self.db.dsn(),
-            "--table",
-            &self.table,
-            "--plugin",
-            &plugin_path(self.plugin).display().to_string(),
-            "--name",
-            &self.db.unique_name("pipe"),
-            "--slot",
-            &self.slot(),
-            "--cache-dir",
-            &cache.display().to_string(),
-            "--model-dir",
-            &model_dir().display().to_string(),
-            "--batch-wait-ms",
-            "20",
-            "--progress-secs",
-            "1",
-        ]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
-        match &self.sink {
-            Sink::Pgvector => args.extend(["--sink".into(), "pgvector".into()]),
-            Sink::Jsonl(path) => args.extend([
-                "--sink".into(),
-                "jsonl".into(),
-                "--collection".into(),
-                path.display().to_string(),
-            ]),
-        }
-        args.extend(self.extra.iter().cloned());
-        args
-    }
-
-    /// `pgstream-host setup`: from now on changes are captured.
-    async fn setup(&self) {
-        let mut args = vec!["setup".to_owned()];
-        args.extend(self.args());
-        let mut host = HostProcess::start(&args).expect("start host setup");
-        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
-        assert!(status.success(), "setup failed:\n{}", host.log());
-    }
-
-    fn start(&self) -> HostProcess {
-        HostProcess::start(self.args()).expect("start host")
-    }
-
-    /// Runs the host with `--stop-at-lsn` at the current WAL position and returns it exited.
-    async fn run_to_current_lsn(&self) -> HostProcess {
-        let lsn = current_lsn(self.db).await;
-        let mut args = self.args();
-        args.extend(["--stop-at-lsn".to_owned(), lsn]);
-        let mut host = HostProcess::start(&args).expect("start host");
-        host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-        host
-    }
-
-    /// Runs to the current LSN and asserts the host exited 0.
-    async fn catch_up(&self) {
-        let mut host = self.run_to_current_lsn().await;
-        let status = host.try_status().unwrap().expect("exited");
-        assert!(status.success(), "host failed ({status}):\n{}", host.log());
-    }
-
-    async fn confirmed_flush_lsn(&self) -> u64 {
-        let row = self
-            .db
-            .client()
-            .query_one(
-                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&self.slot()],
-            )
-            .await
-            .expect("slot exists");
-        row.get::<_, i64>(0) as u64
-    }
-}
-
-async fn current_lsn(db: &TestDb) -> String {
-    db.client()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("current LSN")
-        .get(0)
-}
-
-async fn lsn_bytes(db: &TestDb) -> u64 {
-    let row = db
-        .client()
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
-        .await
-        .expect("current LSN");
-    row.get::<_, i64>(0) as u64
-}
-
-async fn exec(db: &TestDb, sql: &str) {
-    db.client()
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {error}"));
 }
 
 /// The JSON lines a sink file holds.
@@ -222,17 +99,15 @@ async fn toasted_column_left_alone_is_reported_unchanged(version: PgVersion) {
     let db = PgServer::shared(version).create_database().await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("events.jsonl");
-    exec(
-        &db,
+    db.exec(
         "CREATE TABLE notes (id int PRIMARY KEY, title text, content text);
          ALTER TABLE notes ALTER COLUMN content SET STORAGE EXTERNAL;",
     )
     .await;
-    let pipeline = Pipeline::new(&db, "notes", "echo-handler", Sink::Jsonl(sink.clone()));
+    let pipeline = pipeline(&db, "notes", "echo-handler", Sink::Jsonl(sink.clone()));
     pipeline.setup().await;
     // 12 kB stored uncompressed out of line: an UPDATE that leaves it alone does not send it.
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO notes VALUES (1, 'first', repeat('lorem ipsum ', 1000));
          UPDATE notes SET title = 'second' WHERE id = 1;
          UPDATE notes SET content = 'short now' WHERE id = 1;",
@@ -262,14 +137,13 @@ async fn replica_identity_full_gives_old_rows(version: PgVersion) {
     let db = PgServer::shared(version).create_database().await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("events.jsonl");
-    exec(
-        &db,
+    db.exec(
         "CREATE TABLE people (id int PRIMARY KEY, name text, city text);
          ALTER TABLE people REPLICA IDENTITY FULL;
          CREATE TABLE keyed (id int PRIMARY KEY, name text);",
     )
     .await;
-    let pipeline = Pipeline::new(
+    let pipeline = pipeline(
         &db,
         "people,keyed",
         "echo-handler",
@@ -277,8 +151,7 @@ async fn replica_identity_full_gives_old_rows(version: PgVersion) {
     )
     .with_args(&["--embedder", "none"]);
     pipeline.setup().await;
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO people VALUES (1, 'Ada', 'London');
          UPDATE people SET city = 'Paris' WHERE id = 1;
          DELETE FROM people WHERE id = 1;
@@ -315,16 +188,12 @@ async fn truncate_reaches_the_handler(version: PgVersion) {
     let db = PgServer::shared(version).create_database().await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("events.jsonl");
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let pipeline = Pipeline::new(&db, "items", "embed-handler", Sink::Jsonl(sink.clone()))
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+    let pipeline = pipeline(&db, "items", "embed-handler", Sink::Jsonl(sink.clone()))
         .with_args(&["--embedder", "none"]);
     pipeline.setup().await;
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO items VALUES (1, NULL), (2, NULL);
          TRUNCATE items;",
     )
@@ -344,15 +213,14 @@ async fn nulls_non_ascii_and_quoted_names_arrive_intact(version: PgVersion) {
     let db = PgServer::shared(version).create_database().await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("events.jsonl");
-    exec(
-        &db,
+    db.exec(
         r#"CREATE SCHEMA "Mixed Schema";
            CREATE TABLE "Mixed Schema"."Docs Ünï" (
                "Id" int PRIMARY KEY, "Body" text, note text, amount numeric, meta jsonb,
                flag bool, at timestamptz);"#,
     )
     .await;
-    let pipeline = Pipeline::new(
+    let pipeline = pipeline(
         &db,
         r#""Mixed Schema"."Docs Ünï""#,
         "echo-handler",
@@ -360,8 +228,7 @@ async fn nulls_non_ascii_and_quoted_names_arrive_intact(version: PgVersion) {
     )
     .with_args(&["--embedder", "none"]);
     pipeline.setup().await;
-    exec(
-        &db,
+    db.exec(
         r#"INSERT INTO "Mixed Schema"."Docs Ünï" VALUES
            (1, '日本語のテキスト ✓ émoji 🎉', NULL, 12.50, '{"k": [1, 2]}', true,
             '2024-02-29 12:34:56.789+00');"#,
@@ -420,13 +287,12 @@ async fn nulls_non_ascii_and_quoted_names_arrive_intact(version: PgVersion) {
 async fn quiet_watched_table_lets_the_slot_advance(version: PgVersion) {
     let db = PgServer::shared(version).create_database().await;
     let out = TempDir::new().unwrap();
-    exec(
-        &db,
+    db.exec(
         "CREATE TABLE quiet (id int PRIMARY KEY, content text);
          CREATE TABLE busy (id serial PRIMARY KEY, filler text);",
     )
     .await;
-    let pipeline = Pipeline::new(
+    let pipeline = pipeline(
         &db,
         "quiet",
         "noop-handler",
@@ -435,16 +301,15 @@ async fn quiet_watched_table_lets_the_slot_advance(version: PgVersion) {
     .with_args(&["--embedder", "none"]);
     pipeline.setup().await;
     let mut host = pipeline.start();
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
     let before = pipeline.confirmed_flush_lsn().await;
     for _ in 0..20 {
-        exec(
-            &db,
-            "INSERT INTO busy (filler) SELECT repeat('x', 500) FROM generate_series(1, 500);",
-        )
-        .await;
+        db.exec("INSERT INTO busy (filler) SELECT repeat('x', 500) FROM generate_series(1, 500);")
+            .await;
     }
-    let target = lsn_bytes(&db).await;
+    let target = db.current_lsn_bytes().await;
     assert!(target > before + 1_000_000, "the busy table wrote WAL");
     let advanced = wait_until(Duration::from_secs(60), || async {
         pipeline.confirmed_flush_lsn().await >= target
@@ -469,8 +334,9 @@ async fn trapping_plugin_is_retried_then_stops_without_confirming(version: PgVer
     let db = PgServer::shared(version).create_database().await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("sink.jsonl");
-    exec(&db, "CREATE TABLE t (id int PRIMARY KEY, content text);").await;
-    let pipeline = Pipeline::new(&db, "t", "trap-handler", Sink::Jsonl(sink.clone())).with_args(&[
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, content text);")
+        .await;
+    let pipeline = pipeline(&db, "t", "trap-handler", Sink::Jsonl(sink.clone())).with_args(&[
         "--embedder",
         "none",
         "--max-attempts",
@@ -479,10 +345,10 @@ async fn trapping_plugin_is_retried_then_stops_without_confirming(version: PgVer
         "20",
     ]);
     pipeline.setup().await;
-    exec(&db, "INSERT INTO t VALUES (1, 'fine');").await;
-    let before_boom = lsn_bytes(&db).await;
-    exec(&db, "INSERT INTO t VALUES (2, 'boom');").await;
-    exec(&db, "INSERT INTO t VALUES (3, 'after');").await;
+    db.exec("INSERT INTO t VALUES (1, 'fine');").await;
+    let before_boom = db.current_lsn_bytes().await;
+    db.exec("INSERT INTO t VALUES (2, 'boom');").await;
+    db.exec("INSERT INTO t VALUES (3, 'after');").await;
 
     let mut host = pipeline.run_to_current_lsn().await;
     let status = host.try_status().unwrap().expect("exited");
@@ -575,8 +441,7 @@ async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
     let mut states = Vec::new();
     for (handler, file) in [("embed-handler", "rust.jsonl"), (plugin, "other.jsonl")] {
         let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-        exec(
-            &db,
+        db.exec(
             "CREATE TABLE docs (id int PRIMARY KEY, title text, price numeric, score float8,
                                 in_stock bool, meta jsonb, at timestamptz, content text);
              ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
@@ -584,10 +449,9 @@ async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
         )
         .await;
         let sink = out.path().join(file);
-        let pipeline = Pipeline::new(&db, "docs,scratch", handler, Sink::Jsonl(sink.clone()));
+        let pipeline = pipeline(&db, "docs,scratch", handler, Sink::Jsonl(sink.clone()));
         pipeline.setup().await;
-        exec(
-            &db,
+        db.exec(
             r#"INSERT INTO docs VALUES
                  (1, 'Tea "green" ✓ 日本', 4.50, 0.25, true, '{"tags": ["hot", "leaf"]}',
                   '2024-02-29 12:34:56.789+00', 'Steep green tea for two minutes.'),
@@ -670,18 +534,16 @@ fn replayed_state(path: &Path) -> BTreeMap<(String, String), (Json, Vec<f32>)> {
 async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static str) {
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
-    exec(
-        &db,
+    db.exec(
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);
          ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
          -- Written before the slot exists: never delivered (no backfill yet).
          INSERT INTO docs VALUES (100, 'old', repeat('long text ', 500));",
     )
     .await;
-    let pipeline = Pipeline::new(&db, "docs", plugin, Sink::Pgvector);
+    let pipeline = pipeline(&db, "docs", plugin, Sink::Pgvector);
     pipeline.setup().await;
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO docs VALUES
            (1, 'bread', 'Bake sourdough bread with a lively starter.'),
            (2, 'coffee', 'Pull an espresso shot at nine bars.'),
@@ -721,8 +583,7 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
     }
     assert_eq!(points[&3].0["title"], "long runs");
 
-    exec(
-        &db,
+    db.exec(
         "TRUNCATE docs; INSERT INTO docs VALUES (9, 'after', 'A row written after the truncate.');",
     )
     .await;
@@ -735,16 +596,15 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
 async fn sigkill_mid_stream_then_restart_loses_nothing() {
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
     db.create_vector_extension().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let pipeline = Pipeline::new(&db, "items", "embed-handler", Sink::Pgvector)
-        .with_args(&["--batch-size", "200"]);
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+    let pipeline =
+        pipeline(&db, "items", "embed-handler", Sink::Pgvector).with_args(&["--batch-size", "200"]);
     pipeline.setup().await;
     let mut host = pipeline.start();
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
 
     // 20,000 changes in transactions of 100: 12,000 inserts, 5,000 updates, 3,000 deletes.
     let workload = [
@@ -767,10 +627,10 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
             let sql = template
                 .replace("{start}", &start.to_string())
                 .replace("{end}", &(start + 99).to_string());
-            exec(&db, &sql).await;
+            db.exec(&sql).await;
         }
     }
-    let end = current_lsn(&db).await;
+    let end = db.current_lsn().await;
 
     // Kill it while it is part-way through, as a crash or OOM kill would.
     wait_until(Duration::from_secs(120), || async {
@@ -785,9 +645,8 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     host.kill().await.unwrap();
     let confirmed_at_kill = pipeline.confirmed_flush_lsn().await;
 
-    let mut args = pipeline.args();
-    args.extend(["--stop-at-lsn".to_owned(), end.clone()]);
-    let mut restarted = HostProcess::start(&args).unwrap();
+    let mut restarted =
+        HostProcess::spawn(pipeline.command(None, &["--stop-at-lsn", &end])).unwrap();
     let status = restarted
         .wait_timeout(Duration::from_secs(600))
         .await
@@ -826,8 +685,9 @@ async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
     let db = server.create_database().await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("sink.jsonl");
-    exec(&db, "CREATE TABLE t (id int PRIMARY KEY, note text);").await;
-    let pipeline = Pipeline::new(&db, "t", "echo-handler", Sink::Jsonl(sink.clone())).with_args(&[
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, note text);")
+        .await;
+    let pipeline = pipeline(&db, "t", "echo-handler", Sink::Jsonl(sink.clone())).with_args(&[
         "--embedder",
         "none",
         "--retry-backoff-ms",
@@ -835,7 +695,9 @@ async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
     ]);
     pipeline.setup().await;
     let mut host = pipeline.start();
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
 
     let ids_seen = || {
         echoed_events(&sink)
@@ -848,11 +710,8 @@ async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
             })
             .collect::<BTreeSet<String>>()
     };
-    exec(
-        &db,
-        "INSERT INTO t SELECT g, 'before' FROM generate_series(1, 50) g;",
-    )
-    .await;
+    db.exec("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 50) g;")
+        .await;
     wait_until(Duration::from_secs(60), || async { ids_seen().len() == 50 })
         .await
         .unwrap_or_else(|error| panic!("{error}\n{}", host.log()));
@@ -880,9 +739,10 @@ async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
 async fn runaway_plugin_is_stopped_by_its_limit(plugin: &'static str, expected: &str) {
     let db = PgServer::shared(PgVersion::Pg15).create_database().await;
     let out = TempDir::new().unwrap();
-    exec(&db, "CREATE TABLE t (id int PRIMARY KEY, content text);").await;
-    let pipeline = Pipeline::new(&db, "t", plugin, Sink::Jsonl(out.path().join("s.jsonl")))
-        .with_args(&[
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, content text);")
+        .await;
+    let pipeline =
+        pipeline(&db, "t", plugin, Sink::Jsonl(out.path().join("s.jsonl"))).with_args(&[
             "--embedder",
             "none",
             "--call-timeout-ms",
@@ -895,8 +755,8 @@ async fn runaway_plugin_is_stopped_by_its_limit(plugin: &'static str, expected: 
             "10",
         ]);
     pipeline.setup().await;
-    let before = lsn_bytes(&db).await;
-    exec(&db, "INSERT INTO t VALUES (1, 'x');").await;
+    let before = db.current_lsn_bytes().await;
+    db.exec("INSERT INTO t VALUES (1, 'x');").await;
     let mut host = pipeline.run_to_current_lsn().await;
     let status = host.try_status().unwrap().expect("exited");
     let log = host.log();

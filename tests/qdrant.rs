@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use pgstream_e2e::{
-    FakeQdrant, HostProcess, PgServer, PgVersion, TestDb, model_dir, plugin_path, wait_until,
+    FakeQdrant, HOST_RUN_TIMEOUT, PgServer, PgVersion, TestDb, TestPipeline, model_dir, wait_until,
 };
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 use pgstream_host::point::{Point, PointKey};
@@ -17,9 +17,6 @@ use qdrant_client::qdrant as proto;
 use serde_json::{Value as Json, json};
 use tonic::Code;
 use uuid::Uuid;
-
-/// How long a host run to a known LSN may take (the first run compiles the plugin).
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The namespace the documentation gives for point ids.
 const NAMESPACE: &str = "26fe3006-94de-4025-b555-0ee0bace9f92";
@@ -513,131 +510,22 @@ impl Store<'_> {
     }
 }
 
-/// One pipeline under test, writing to a Qdrant collection named after its database.
-struct Pipeline<'a> {
-    db: &'a TestDb,
-    table: &'static str,
-    url: String,
-    extra: Vec<String>,
+/// A pipeline on `table` of `db` that writes to the Qdrant server at `url`, in the collection
+/// [`collection`] names.
+fn qdrant_pipeline<'a>(db: &'a TestDb, table: &str, url: &str) -> TestPipeline<'a> {
+    TestPipeline::new(db, table, "embed-handler").with_args(&[
+        "--sink",
+        "qdrant",
+        "--qdrant-url",
+        url,
+        "--collection",
+        &collection(db),
+    ])
 }
 
-impl<'a> Pipeline<'a> {
-    fn new(db: &'a TestDb, table: &'static str, url: String) -> Pipeline<'a> {
-        Pipeline {
-            db,
-            table,
-            url,
-            extra: Vec::new(),
-        }
-    }
-
-    fn collection(&self) -> String {
-        self.db.unique_name("points")
-    }
-
-    fn slot(&self) -> String {
-        self.db.unique_name("slot")
-    }
-
-    fn args(&self) -> Vec<String> {
-        let cache = pgstream_e2e::workspace_root().join("target/plugin-cache");
-        let mut args: Vec<String> = [
-            "--dsn",
-            self.db.dsn(),
-            "--table",
-            self.table,
-            "--plugin",
-            &plugin_path("embed-handler").display().to_string(),
-            "--name",
-            &self.db.unique_name("pipe"),
-            "--slot",
-            &self.slot(),
-            "--cache-dir",
-            &cache.display().to_string(),
-            "--model-dir",
-            &model_dir().display().to_string(),
-            "--batch-wait-ms",
-            "20",
-            "--progress-secs",
-            "1",
-            "--sink",
-            "qdrant",
-            "--qdrant-url",
-            &self.url,
-            "--collection",
-            &self.collection(),
-        ]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
-        args.extend(self.extra.iter().cloned());
-        args
-    }
-
-    async fn setup(&self) {
-        let mut args = vec!["setup".to_owned()];
-        args.extend(self.args());
-        let mut host = HostProcess::start(&args).expect("start host setup");
-        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("setup exits");
-        assert!(status.success(), "setup failed:\n{}", host.log());
-    }
-
-    /// Runs the host to the current WAL position and asserts it exited 0.
-    async fn catch_up(&self) {
-        let mut args = self.args();
-        args.extend(["--stop-at-lsn".to_owned(), current_lsn(self.db).await]);
-        let mut host = HostProcess::start(&args).expect("start host");
-        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-        assert!(status.success(), "host failed ({status}):\n{}", host.log());
-    }
-
-    /// `pgstream-host search` output.
-    async fn search(&self, query: &str) -> String {
-        let mut args = vec!["search".to_owned(), query.to_owned()];
-        args.extend(self.args());
-        let mut host = HostProcess::start(&args).expect("start host search");
-        let status = host.wait_timeout(RUN_TIMEOUT).await.expect("search exits");
-        assert!(status.success(), "search failed:\n{}", host.log());
-        host.log()
-    }
-
-    async fn confirmed_flush_lsn(&self) -> u64 {
-        let row = self
-            .db
-            .client()
-            .query_one(
-                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&self.slot()],
-            )
-            .await
-            .expect("slot exists");
-        row.get::<_, i64>(0) as u64
-    }
-}
-
-async fn current_lsn(db: &TestDb) -> String {
-    db.client()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("current LSN")
-        .get(0)
-}
-
-async fn lsn_bytes(db: &TestDb) -> u64 {
-    let row = db
-        .client()
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
-        .await
-        .expect("current LSN");
-    row.get::<_, i64>(0) as u64
-}
-
-async fn exec(db: &TestDb, sql: &str) {
-    db.client()
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+/// The Qdrant collection of `db`'s pipeline.
+fn collection(db: &TestDb) -> String {
+    db.unique_name("points")
 }
 
 fn embedder() -> MiniLmEmbedder {
@@ -659,20 +547,18 @@ fn assert_close(stored: &[f32], expected: &[f32], what: &str) {
 /// slot, a truncate; and `search` finds the right row.
 async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store: Store<'_>) {
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    exec(
-        &db,
+    db.exec(
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);
          ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
          -- Written before the slot exists: never delivered (no backfill yet).
          INSERT INTO docs VALUES (100, 'old', repeat('long text ', 500));",
     )
     .await;
-    let pipeline = Pipeline::new(&db, "docs", url);
-    let collection = pipeline.collection();
+    let pipeline = qdrant_pipeline(&db, "docs", &url);
+    let collection = collection(&db);
     store.reset(&collection).await;
     pipeline.setup().await;
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO docs VALUES
            (1, 'bread', 'Bake sourdough bread with a lively starter.'),
            (2, 'coffee', 'Pull an espresso shot at nine bars.'),
@@ -686,8 +572,7 @@ async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store:
     )
     .await;
     pipeline.catch_up().await;
-    exec(
-        &db,
+    db.exec(
         "-- The TOASTed content is not resent: the point keeps its vector, the payload changes.
          UPDATE docs SET title = 'toast, renamed' WHERE id = 6;
          -- Same, for a row with no point: nothing to store, and the pipeline goes on.
@@ -717,7 +602,9 @@ async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store:
     assert_eq!(points[&3].0["title"], "long runs");
     assert_eq!(points[&6].0["title"], "toast, renamed");
 
-    let found = pipeline.search("a hot drink made from leaves").await;
+    let found = pipeline
+        .run_to_exit(Some("search"), &["a hot drink made from leaves"])
+        .await;
     let first_hit = found
         .lines()
         .skip_while(|line| !line.starts_with("nearest to"))
@@ -725,8 +612,7 @@ async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store:
         .unwrap_or_default();
     assert!(first_hit.contains("\"coffee\""), "search output:\n{found}");
 
-    exec(
-        &db,
+    db.exec(
         "TRUNCATE docs; INSERT INTO docs VALUES (9, 'after', 'A row written after the truncate.');",
     )
     .await;
@@ -767,35 +653,27 @@ async fn pipeline_into_real_qdrant_runs_only_when_QDRANT_URL_is_set() {
 async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     let server = FakeQdrant::start().await.unwrap();
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let mut pipeline = Pipeline::new(&db, "items", server.url());
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
     // Two tries per batch: an outage must not use them up, or this pipeline would stop.
-    pipeline.extra = [
+    let pipeline = qdrant_pipeline(&db, "items", &server.url()).with_args(&[
         "--qdrant-max-attempts",
         "2",
         "--max-attempts",
         "2",
         "--retry-backoff-ms",
         "100",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
-    let collection = pipeline.collection();
+    ]);
+    let collection = collection(&db);
     pipeline.setup().await;
-    let mut host = HostProcess::start(pipeline.args()).expect("start host");
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
 
-    exec(
-        &db,
-        "INSERT INTO items SELECT g, 'first wave item ' || g FROM generate_series(1, 50) g;",
-    )
-    .await;
-    wait_until(RUN_TIMEOUT, || async {
+    db.exec("INSERT INTO items SELECT g, 'first wave item ' || g FROM generate_series(1, 50) g;")
+        .await;
+    wait_until(HOST_RUN_TIMEOUT, || async {
         server.points(&collection).len() == 50
     })
     .await
@@ -804,15 +682,14 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     // Enough failures to exhaust the sink's own two tries three times over, so the pipeline
     // retries the batch more often than --max-attempts allows for a failing handler.
     server.fail_next(6, Code::Unavailable);
-    exec(
-        &db,
+    db.exec(
         "INSERT INTO items SELECT g, 'second wave item ' || g FROM generate_series(51, 120) g;
          UPDATE items SET content = 'revised item ' || id WHERE id <= 10;
          DELETE FROM items WHERE id BETWEEN 41 AND 50;",
     )
     .await;
-    let end = lsn_bytes(&db).await;
-    wait_until(RUN_TIMEOUT, || async {
+    let end = db.current_lsn_bytes().await;
+    wait_until(HOST_RUN_TIMEOUT, || async {
         pipeline.confirmed_flush_lsn().await >= end
     })
     .await
@@ -861,34 +738,17 @@ async fn https_verifies_the_server_against_the_trusted_certificates() {
         .unwrap();
     assert!(server.url().starts_with("https://localhost:"));
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let pipeline = Pipeline::new(&db, "items", server.url());
-    pipeline.setup().await;
-    exec(
-        &db,
-        "INSERT INTO items VALUES (1, 'sent over TLS'), (2, 'verified by its certificate');",
-    )
-    .await;
-    let run = |trusted: Option<&std::path::Path>| {
-        let mut command = HostProcess::command();
-        command.args(pipeline.args());
-        command
-            .env_remove("SSL_CERT_FILE")
-            .env_remove("SSL_CERT_DIR");
-        if let Some(file) = trusted {
-            command.env("SSL_CERT_FILE", file);
-        }
-        command
-    };
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+    let untrusted = qdrant_pipeline(&db, "items", &server.url())
+        .without_env("SSL_CERT_FILE")
+        .without_env("SSL_CERT_DIR");
+    untrusted.setup().await;
+    db.exec("INSERT INTO items VALUES (1, 'sent over TLS'), (2, 'verified by its certificate');")
+        .await;
 
-    let mut untrusted = run(None);
-    untrusted.args(["--stop-at-lsn", &current_lsn(&db).await]);
-    let mut host = HostProcess::spawn(untrusted).expect("start host");
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    let mut host = untrusted.run_to_current_lsn().await;
+    let status = host.try_status().unwrap().expect("exited");
     let log = host.log();
     assert!(!status.success(), "an untrusted server is refused:\n{log}");
     assert!(
@@ -905,14 +765,9 @@ async fn https_verifies_the_server_against_the_trusted_certificates() {
     );
     assert_eq!(server.requests(), 0, "nothing was sent to it");
 
-    let mut trusted = run(Some(&certificate));
-    trusted.args(["--stop-at-lsn", &current_lsn(&db).await]);
-    let mut host = HostProcess::spawn(trusted).expect("start host");
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
-    assert!(status.success(), "host failed ({status}):\n{}", host.log());
-    let points = Store::Fake(&server)
-        .points(&pipeline.collection(), "items")
-        .await;
+    let trusted = untrusted.with_env("SSL_CERT_FILE", &certificate);
+    trusted.catch_up().await;
+    let points = Store::Fake(&server).points(&collection(&db), "items").await;
     assert_eq!(points.keys().copied().collect::<Vec<i64>>(), [1, 2]);
 }
 
@@ -959,30 +814,28 @@ fn self_signed_localhost_certificate(dir: &std::path::Path) -> (std::path::PathB
 async fn a_stop_during_an_outage_exits_at_once_and_the_next_start_delivers_the_batch() {
     let server = FakeQdrant::start().await.unwrap();
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let mut pipeline = Pipeline::new(&db, "items", server.url());
-    pipeline.extra = ["--qdrant-max-attempts", "1", "--retry-backoff-ms", "200"]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
-    let collection = pipeline.collection();
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+
+    let pipeline = qdrant_pipeline(&db, "items", &server.url()).with_args(&[
+        "--qdrant-max-attempts",
+        "1",
+        "--retry-backoff-ms",
+        "200",
+    ]);
+    let collection = collection(&db);
     pipeline.setup().await;
-    let mut host = HostProcess::start(pipeline.args()).expect("start host");
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
     server.fail_next(u32::MAX, Code::Unavailable);
-    let before_insert = lsn_bytes(&db).await;
-    exec(
-        &db,
-        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;",
-    )
-    .await;
+    let before_insert = db.current_lsn_bytes().await;
+    db.exec("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;")
+        .await;
     // Three failed tries: the backoff has grown past a second, and the outage limit is ten
     // minutes away.
-    wait_until(RUN_TIMEOUT, || async {
+    wait_until(HOST_RUN_TIMEOUT, || async {
         host.log()
             .matches("the embedder or the sink is unavailable")
             .count()
@@ -1026,32 +879,26 @@ async fn a_stop_during_an_outage_exits_at_once_and_the_next_start_delivers_the_b
 async fn a_second_signal_exits_without_waiting_for_the_batch_in_flight() {
     let server = FakeQdrant::start().await.unwrap();
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let mut pipeline = Pipeline::new(&db, "items", server.url());
-    pipeline.extra = ["--qdrant-timeout-ms", "600000"]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
-    let collection = pipeline.collection();
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+
+    let pipeline =
+        qdrant_pipeline(&db, "items", &server.url()).with_args(&["--qdrant-timeout-ms", "600000"]);
+    let collection = collection(&db);
     pipeline.setup().await;
-    let mut host = HostProcess::start(pipeline.args()).expect("start host");
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
     let writes_before = server
         .requests_by_method()
         .get("Points/UpdateBatch")
         .copied();
     server.set_delay(Duration::from_secs(600));
-    let before_insert = lsn_bytes(&db).await;
-    exec(
-        &db,
-        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;",
-    )
-    .await;
-    wait_until(RUN_TIMEOUT, || async {
+    let before_insert = db.current_lsn_bytes().await;
+    db.exec("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;")
+        .await;
+    wait_until(HOST_RUN_TIMEOUT, || async {
         server
             .requests_by_method()
             .get("Points/UpdateBatch")
@@ -1062,7 +909,7 @@ async fn a_second_signal_exits_without_waiting_for_the_batch_in_flight() {
     .unwrap_or_else(|error| panic!("the write never started: {error}\n{}", host.log()));
 
     host.send_terminate().unwrap();
-    host.wait_for_log("SIGTERM received", RUN_TIMEOUT)
+    host.wait_for_log("SIGTERM received", HOST_RUN_TIMEOUT)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1088,28 +935,29 @@ async fn a_second_signal_exits_without_waiting_for_the_batch_in_flight() {
 async fn a_refused_write_stops_the_pipeline_at_once() {
     let server = FakeQdrant::start().await.unwrap();
     let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    exec(
-        &db,
-        "CREATE TABLE items (id int PRIMARY KEY, content text);",
-    )
-    .await;
-    let mut pipeline = Pipeline::new(&db, "items", server.url());
-    pipeline.extra = ["--max-attempts", "5", "--retry-backoff-ms", "2000"]
-        .iter()
-        .map(|arg| arg.to_string())
-        .collect();
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+
+    let pipeline = qdrant_pipeline(&db, "items", &server.url()).with_args(&[
+        "--max-attempts",
+        "5",
+        "--retry-backoff-ms",
+        "2000",
+    ]);
     pipeline.setup().await;
-    let mut host = HostProcess::start(pipeline.args()).expect("start host");
-    host.wait_for_log("streaming", RUN_TIMEOUT).await.unwrap();
+    let mut host = pipeline.start();
+    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
     // The collection is prepared: the next request is the batch's write.
     server.fail_next(1, Code::InvalidArgument);
-    let before_insert = lsn_bytes(&db).await;
-    exec(
-        &db,
-        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;",
-    )
-    .await;
-    let status = host.wait_timeout(RUN_TIMEOUT).await.expect("host exits");
+    let before_insert = db.current_lsn_bytes().await;
+    db.exec("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;")
+        .await;
+    let status = host
+        .wait_timeout(HOST_RUN_TIMEOUT)
+        .await
+        .expect("host exits");
     let log = host.log();
     assert!(
         !status.success(),

@@ -5,13 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use pgstream_e2e::{HostProcess, PgServer, PgVersion, model_dir, plugin_dir, setting};
+use pgstream_e2e::{PgServer, PgVersion, TestPipeline, plugin_dir, setting};
 use serde_json::Value as Json;
 use tempfile::TempDir;
-
-const TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Generates one test per language `new` supports.
 macro_rules! for_every_language {
@@ -96,13 +93,6 @@ fn build(project: &Path, language: &str) -> PathBuf {
     component
 }
 
-async fn run_host(args: &[String]) -> HostProcess {
-    let mut host = HostProcess::start(args).expect("start the host");
-    let status = host.wait_timeout(TIMEOUT).await.expect("the host exits");
-    assert!(status.success(), "host failed ({status}):\n{}", host.log());
-    host
-}
-
 async fn new_project_builds_and_handles_events(language: &str) {
     let workspace = TempDir::new().unwrap();
     let name = format!("{language}-starter");
@@ -121,52 +111,22 @@ async fn new_project_builds_and_handles_events(language: &str) {
     let component = build(&project, language);
 
     let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-    db.client()
-        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY, title text, content text);")
-        .await
-        .unwrap();
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, title text, content text);")
+        .await;
     let sink = workspace.path().join("points.jsonl");
-    let mut args: Vec<String> = [
-        "--dsn",
-        db.dsn(),
-        "--table",
-        "docs",
-        "--plugin",
-        &component.display().to_string(),
-        "--name",
-        &db.unique_name("starter"),
-        "--sink",
-        "jsonl",
-        "--collection",
-        &sink.display().to_string(),
-        "--model-dir",
-        &model_dir().display().to_string(),
-        "--batch-wait-ms",
-        "20",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .collect();
-    let mut setup = vec!["setup".to_owned()];
-    setup.extend(args.iter().cloned());
-    run_host(&setup).await;
-    db.client()
-        .batch_execute(
-            "INSERT INTO docs VALUES (1, 'tea', 'Steep green tea for two minutes.'),
-                                     (2, 'bread', 'Bake sourdough bread.'),
-                                     (3, 'gone', 'Deleted right away.');
-             DELETE FROM docs WHERE id = 3;",
-        )
-        .await
-        .unwrap();
-    let lsn: String = db
-        .client()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    args.extend(["--stop-at-lsn".to_owned(), lsn]);
-    run_host(&args).await;
+    let pipeline = TestPipeline::new(&db, "docs", "embed-handler")
+        .with_plugin_file(&component)
+        .with_args(&["--sink", "jsonl", "--collection"])
+        .with_args(&[sink.display().to_string()]);
+    pipeline.setup().await;
+    db.exec(
+        "INSERT INTO docs VALUES (1, 'tea', 'Steep green tea for two minutes.'),
+                                 (2, 'bread', 'Bake sourdough bread.'),
+                                 (3, 'gone', 'Deleted right away.');
+         DELETE FROM docs WHERE id = 3;",
+    )
+    .await;
+    pipeline.catch_up().await;
 
     let lines: Vec<Json> = std::fs::read_to_string(&sink)
         .unwrap_or_default()

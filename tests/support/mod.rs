@@ -6,6 +6,8 @@
 //!   version for the test binary and [`PgServer::create_database`] gives each test a
 //!   [`TestDb`] of its own.
 //! - [`HostProcess`] runs `pgstream-host` with its output captured, and stops or kills it.
+//! - [`TestPipeline`] holds the host's arguments for one pipeline on a [`TestDb`] and runs the
+//!   host with them (setup, up to the current WAL position, or until stopped).
 //! - [`wait_until`] and [`wait_for`] poll for eventual outcomes.
 //! - [`OpenAiServer`] is a fake OpenAI embeddings endpoint on a local port, with deterministic
 //!   vectors, a record of every request, and failures on demand.
@@ -21,6 +23,7 @@ mod installation;
 mod openai_server;
 mod postgres;
 mod qdrant_server;
+mod test_pipeline;
 mod wait;
 mod watchdog;
 
@@ -32,4 +35,5 @@ pub use host_process::HostProcess;
 pub use openai_server::{OpenAiServer, RecordedRequest};
 pub use postgres::{PgServer, PgVersion, SUPERUSER, TestDb};
 pub use qdrant_server::{CollectionSummary, FakeQdrant, StoredPoint};
+pub use test_pipeline::{HOST_RUN_TIMEOUT, TestPipeline};
 pub use wait::{wait_for, wait_until};

@@ -477,6 +477,47 @@ impl TestDb {
         format!("{prefix}_{}", self.name)
     }
 
+    /// Runs `sql` (one or more statements) as the superuser; panics with the SQL on error.
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+    }
+
+    /// The server's current WAL position, as text (`0/1A2B3C4`): what `--stop-at-lsn` takes.
+    pub async fn current_lsn(&self) -> String {
+        self.client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("current LSN")
+            .get(0)
+    }
+
+    /// The server's current WAL position in bytes, to compare with a slot's.
+    pub async fn current_lsn_bytes(&self) -> u64 {
+        let row = self
+            .client
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await
+            .expect("current LSN");
+        row.get::<_, i64>(0) as u64
+    }
+
+    /// The position replication slot `slot` has confirmed, in bytes.
+    pub async fn confirmed_flush_lsn(&self, slot: &str) -> u64 {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap_or_else(|error| panic!("slot {slot}: {error}"));
+        row.get::<_, i64>(0) as u64
+    }
+
     /// `CREATE EXTENSION IF NOT EXISTS vector` (PostgreSQL 18 only: 15 has no pgvector).
     pub async fn create_vector_extension(&self) {
         self.client

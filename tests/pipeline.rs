@@ -7,9 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pgstream_e2e::{
-    HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, TestPipeline, model_dir, wait_until,
-};
+use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, TestPipeline, model_dir, wait_until};
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 use serde_json::Value as Json;
 use tempfile::TempDir;
@@ -300,10 +298,7 @@ async fn quiet_watched_table_lets_the_slot_advance(version: PgVersion) {
     )
     .with_args(&["--embedder", "none"]);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
     let before = pipeline.confirmed_flush_lsn().await;
     for _ in 0..20 {
         db.exec("INSERT INTO busy (filler) SELECT repeat('x', 500) FROM generate_series(1, 500);")
@@ -601,10 +596,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     let pipeline =
         pipeline(&db, "items", "embed-handler", Sink::Pgvector).with_args(&["--batch-size", "200"]);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
 
     // 20,000 changes in transactions of 100: 12,000 inserts, 5,000 updates, 3,000 deletes.
     let workload = [
@@ -694,10 +686,7 @@ async fn the_host_reconnects_after_postgres_crashes_and_loses_nothing() {
         "100",
     ]);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
 
     let ids_seen = || {
         echoed_events(&sink)

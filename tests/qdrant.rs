@@ -666,10 +666,7 @@ async fn a_qdrant_outage_mid_run_is_ridden_out_and_loses_nothing() {
     ]);
     let collection = collection(&db);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
 
     db.exec("INSERT INTO items SELECT g, 'first wave item ' || g FROM generate_series(1, 50) g;")
         .await;
@@ -825,10 +822,7 @@ async fn a_stop_during_an_outage_exits_at_once_and_the_next_start_delivers_the_b
     ]);
     let collection = collection(&db);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
     server.fail_next(u32::MAX, Code::Unavailable);
     let before_insert = db.current_lsn_bytes().await;
     db.exec("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;")
@@ -886,10 +880,7 @@ async fn a_second_signal_exits_without_waiting_for_the_batch_in_flight() {
         qdrant_pipeline(&db, "items", &server.url()).with_args(&["--qdrant-timeout-ms", "600000"]);
     let collection = collection(&db);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
     let writes_before = server
         .requests_by_method()
         .get("Points/UpdateBatch")
@@ -945,10 +936,7 @@ async fn a_refused_write_stops_the_pipeline_at_once() {
         "2000",
     ]);
     pipeline.setup().await;
-    let mut host = pipeline.start();
-    host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
-        .await
-        .unwrap();
+    let mut host = pipeline.start_streaming().await;
     // The collection is prepared: the next request is the batch's write.
     server.fail_next(1, Code::InvalidArgument);
     let before_insert = db.current_lsn_bytes().await;

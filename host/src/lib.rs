@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod embed;
+mod error_chain;
 pub mod event;
 pub mod lsn;
 pub mod pgoutput;

@@ -131,6 +131,16 @@ impl<'a> TestPipeline<'a> {
         HostProcess::spawn(self.command(None, &[])).expect("start the host")
     }
 
+    /// Starts `pgstream-host run` and waits until it streams: from then on, changes reach
+    /// the handler.
+    pub async fn start_streaming(&self) -> HostProcess {
+        let mut host = self.start();
+        host.wait_for_log("streaming", HOST_RUN_TIMEOUT)
+            .await
+            .expect("the host starts streaming");
+        host
+    }
+
     /// Runs `pgstream-host setup` (from then on changes are kept for the slot) and asserts
     /// it exited 0.
     pub async fn setup(&self) {

@@ -278,7 +278,7 @@ impl CachingEmbedder {
             Err(error) => {
                 warn!(
                     "{}; running without the embedding cache",
-                    error_chain(&error)
+                    crate::error_chain::one_line(&error)
                 );
                 CachingEmbedder::build(inner, None)
             }
@@ -338,7 +338,7 @@ impl CachingEmbedder {
         if !self.disabled.swap(true, Ordering::Relaxed) {
             warn!(
                 "{}; running without the embedding cache from now on",
-                error_chain(error)
+                crate::error_chain::one_line(error)
             );
         }
     }
@@ -561,17 +561,6 @@ fn decode_vector(bytes: &[u8], dimensions: usize) -> Option<Vec<f32>> {
             .map(|&float| f32::from_le_bytes(float))
             .collect(),
     )
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Bytes an entry is charged against the limit.

@@ -63,21 +63,10 @@ impl PipelineImports {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *worst = (*worst).max(Some(failure));
-        describe(error)
+        // The guest only gets text, and the cause is usually the useful part ("vector store
+        // rejected the write: ... dimension mismatch").
+        crate::error_chain::one_line(error)
     }
-}
-
-/// The error and its chain of causes on one line: the guest only gets text, and the cause is
-/// usually the useful part ("vector store rejected the write: ... dimension mismatch").
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[async_trait]

@@ -17,6 +17,7 @@
 //! replays rather than skips.
 #![warn(missing_docs)]
 
+mod backoff;
 pub mod embed;
 mod error_chain;
 pub mod event;

@@ -312,7 +312,8 @@ struct Args {
     )]
     max_attempts: u32,
 
-    /// Wait before the first retry, in milliseconds; doubles per failure, capped at 30 s.
+    /// Wait before the first retry, in milliseconds; doubles per failure, capped at 30 s, and
+    /// drawn from the upper half of that so pipelines that failed together retry apart.
     #[arg(
         long,
         env = "PGSTREAM_RETRY_BACKOFF_MS",

@@ -66,7 +66,7 @@ impl Default for BatchOptions {
 pub struct RetryPolicy {
     /// Tries per batch, the first included. After the last one the pipeline stops.
     pub max_attempts: u32,
-    /// Wait before the second try; doubled after each failure.
+    /// Wait before the second try; doubled after each failure, with jitter.
     pub initial_backoff: Duration,
     /// Upper bound on the wait.
     pub max_backoff: Duration,
@@ -87,10 +87,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     fn backoff(&self, failed_attempts: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failed_attempts.saturating_sub(1));
-        self.initial_backoff
-            .saturating_mul(factor)
-            .min(self.max_backoff)
+        crate::backoff::jittered(failed_attempts, self.initial_backoff, self.max_backoff)
     }
 }
 

@@ -248,7 +248,7 @@ impl QdrantSink {
                             last: error,
                         })));
                     }
-                    let delay = backoff(
+                    let delay = crate::backoff::jittered(
                         attempt,
                         self.options.initial_backoff,
                         self.options.max_backoff,
@@ -667,20 +667,6 @@ fn certificate_problem(message: &str) -> Option<&str> {
     Some(&message[start..])
 }
 
-/// The wait after failed try number `attempt` (1-based): `initial * 2^(attempt-1)` capped at
-/// `max`, then a random point in its upper half, so clients that failed together do not
-/// retry together.
-fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exponential = initial
-        .saturating_mul(
-            1u32.checked_shl(attempt.saturating_sub(1))
-                .unwrap_or(u32::MAX),
-        )
-        .min(max);
-    let half = exponential / 2;
-    half + half.mul_f64(fastrand::f64())
-}
-
 #[async_trait]
 impl Sink for QdrantSink {
     async fn prepare(&self, dimensions: usize) -> Result<(), SinkError> {
@@ -981,20 +967,6 @@ mod tests {
             ),
         };
         assert_eq!(classify(&refused), Failure::Transient { retry_after: None });
-    }
-
-    #[test]
-    fn backoff_doubles_within_jitter_and_caps() {
-        let initial = Duration::from_millis(100);
-        let max = Duration::from_secs(1);
-        for attempt in 1..=40 {
-            let full = (initial * 2u32.saturating_pow(attempt - 1)).min(max);
-            let delay = backoff(attempt, initial, max);
-            assert!(
-                delay >= full / 2 && delay <= full,
-                "attempt {attempt}: {delay:?}"
-            );
-        }
     }
 
     #[test]

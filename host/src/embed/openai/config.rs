@@ -199,18 +199,9 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait after failed try number `attempt` (1-based): `initial * 2^(attempt-1)`, capped,
-    /// then drawn uniformly from its upper half so clients that failed together do not retry
-    /// together.
+    /// The wait after failed try number `attempt` (1-based), by the host's one backoff formula.
     pub(super) fn backoff(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(20);
-        let full = self
-            .initial_backoff
-            .saturating_mul(1 << doublings)
-            .min(self.max_backoff);
-        let half = full / 2;
-        let jitter_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        half + Duration::from_nanos(fastrand::u64(0..=jitter_nanos))
+        crate::backoff::jittered(attempt, self.initial_backoff, self.max_backoff)
     }
 }
 

@@ -63,8 +63,8 @@ impl PipelineImports {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *worst = (*worst).max(Some(failure));
-        // The guest only gets text, and the cause is usually the useful part ("vector store
-        // rejected the write: ... dimension mismatch").
+        // The guest only gets text, and the cause is usually the useful part ("cannot embed:
+        // ... connection refused").
         crate::error_chain::one_line(error)
     }
 }

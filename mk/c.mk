@@ -52,8 +52,10 @@ c-tools: $(ZIG_STAMP) $(WIT_BINDGEN) $(NODE_TOOLS_STAMP)
 
 $(ZIG_STAMP):
 	rm -rf $(ZIG_VENV) $(CACHE)/zig-*.stamp $(dir $(ZIG))
-	$(PYTHON) -m venv $(ZIG_VENV)
-	$(ZIG_VENV)/bin/pip download --quiet --no-deps --dest $(CACHE)/wheels ziglang==$(ZIGLANG_VERSION)
+	$(call make-venv,$(ZIG_VENV))
+	ls $(CACHE)/wheels/ziglang-$(ZIGLANG_VERSION)-*.whl >/dev/null 2>&1 || \
+		$(ZIG_VENV)/bin/pip download --quiet --no-deps --dest $(CACHE)/wheels \
+			ziglang==$(ZIGLANG_VERSION)
 	$(ZIG_VENV)/bin/pip install --quiet --no-deps --no-index --find-links $(CACHE)/wheels \
 		ziglang==$(ZIGLANG_VERSION)
 	mkdir -p $(dir $(ZIG))

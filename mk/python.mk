@@ -28,7 +28,7 @@ test: test-python
 
 $(COMPONENTIZE_PY_STAMP):
 	rm -rf $(COMPONENTIZE_PY_VENV)
-	$(PYTHON) -m venv $(COMPONENTIZE_PY_VENV)
+	$(call make-venv,$(COMPONENTIZE_PY_VENV))
 	ls $(CACHE)/wheels/componentize_py-$(COMPONENTIZE_PY_VERSION)-*.whl >/dev/null 2>&1 || \
 		$(COMPONENTIZE_PY_VENV)/bin/pip download --quiet --no-deps --dest $(CACHE)/wheels \
 			componentize-py==$(COMPONENTIZE_PY_VERSION)

@@ -513,7 +513,17 @@ impl Store<'_> {
 /// A pipeline on `table` of `db` that writes to the Qdrant server at `url`, in the collection
 /// [`collection`] names.
 fn qdrant_pipeline<'a>(db: &'a TestDb, table: &str, url: &str) -> TestPipeline<'a> {
-    TestPipeline::new(db, table, "embed-handler").with_args(&[
+    qdrant_pipeline_with(db, table, "embed-handler", url)
+}
+
+/// [`qdrant_pipeline`] with another plugin.
+fn qdrant_pipeline_with<'a>(
+    db: &'a TestDb,
+    table: &str,
+    plugin: &str,
+    url: &str,
+) -> TestPipeline<'a> {
+    TestPipeline::new(db, table, plugin).with_args(&[
         "--sink",
         "qdrant",
         "--qdrant-url",
@@ -918,6 +928,60 @@ async fn a_second_signal_exits_without_waiting_for_the_batch_in_flight() {
     assert!(log.contains("second signal received"), "{log}");
     assert!(pipeline.confirmed_flush_lsn().await <= before_insert);
     assert!(server.points(&collection).is_empty());
+}
+
+/// A handler that catches a failed write and returns `ok` does not get its batch confirmed:
+/// an outage is retried until the points are written, a refusal stops the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_the_handler_ignores_is_not_confirmed() {
+    let server = FakeQdrant::start().await.unwrap();
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+    let pipeline = qdrant_pipeline_with(&db, "items", "careless-handler", &server.url())
+        .with_args(&["--qdrant-max-attempts", "1", "--retry-backoff-ms", "100"]);
+    pipeline.setup().await;
+    let mut host = pipeline.start_streaming().await;
+
+    server.fail_next(2, Code::Unavailable);
+    db.exec("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 10) g;")
+        .await;
+    let end = db.current_lsn_bytes().await;
+    wait_until(HOST_RUN_TIMEOUT, || async {
+        pipeline.confirmed_flush_lsn().await >= end
+    })
+    .await
+    .unwrap_or_else(|error| panic!("never confirmed: {error}\n{}", host.log()));
+    assert_eq!(
+        server.points(&collection(&db)).len(),
+        10,
+        "confirmed only once written:\n{}",
+        host.log()
+    );
+    let log = host.log();
+    assert!(
+        log.contains("careless-handler ignores a failed write"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the handler returned ok, but a host call failed during it"),
+        "{log}"
+    );
+
+    server.fail_next(1, Code::InvalidArgument);
+    let before_insert = db.current_lsn_bytes().await;
+    db.exec("INSERT INTO items VALUES (11, 'refused');").await;
+    let status = host
+        .wait_timeout(HOST_RUN_TIMEOUT)
+        .await
+        .expect("host exits");
+    assert!(
+        !status.success(),
+        "a refused write stops the host:\n{}",
+        host.log()
+    );
+    assert!(pipeline.confirmed_flush_lsn().await <= before_insert);
+    assert_eq!(server.points(&collection(&db)).len(), 10);
 }
 
 /// A write Qdrant refuses fails the same way every time: the pipeline stops after the first

@@ -24,12 +24,22 @@ pub enum ImportFailure {
     Permanent,
 }
 
+/// An import that failed during a handler call: how, and the text the guest got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedImport {
+    /// Whether repeating the call may help.
+    pub kind: ImportFailure,
+    /// The error as the guest saw it.
+    pub message: String,
+}
+
 /// Routes a pipeline's handler imports to its embedder and sink.
 pub struct PipelineImports {
     embedder: Arc<dyn Embedder>,
     sink: Arc<dyn Sink>,
-    /// The worst failure since [`take_failure`](Self::take_failure) was last called.
-    failure: Mutex<Option<ImportFailure>>,
+    /// The worst failure since [`take_failure`](Self::take_failure) was last called (the
+    /// first of that kind).
+    failure: Mutex<Option<FailedImport>>,
 }
 
 impl PipelineImports {
@@ -43,8 +53,10 @@ impl PipelineImports {
     }
 
     /// The worst import failure since the last call (a refusal outweighs an outage), and
-    /// forgets it. The pipeline calls it before and after each handler call.
-    pub fn take_failure(&self) -> Option<ImportFailure> {
+    /// forgets it. The pipeline calls it before and after each handler call: a call during
+    /// which an import failed is a failed call, even if the guest caught the error and
+    /// returned `ok`, since a write it asked for did not happen.
+    pub fn take_failure(&self) -> Option<FailedImport> {
         self.failure
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -58,14 +70,20 @@ impl PipelineImports {
         } else {
             ImportFailure::Permanent
         };
+        // The guest only gets text, and the cause is usually the useful part ("cannot embed:
+        // ... connection refused").
+        let message = crate::error_chain::one_line(error);
         let mut worst = self
             .failure
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *worst = (*worst).max(Some(failure));
-        // The guest only gets text, and the cause is usually the useful part ("cannot embed:
-        // ... connection refused").
-        crate::error_chain::one_line(error)
+        if worst.as_ref().is_none_or(|known| known.kind < failure) {
+            *worst = Some(FailedImport {
+                kind: failure,
+                message: message.clone(),
+            });
+        }
+        message
     }
 }
 

@@ -34,7 +34,7 @@ use crate::runtime::{HandleError, HandlerInstance, Limits, Plugin, PluginEngine,
 use crate::sink::{Sink, SinkError};
 
 pub use batch::{BatchBuilder, BatchError, Step};
-pub use imports::{ImportFailure, PipelineImports};
+pub use imports::{FailedImport, ImportFailure, PipelineImports};
 
 /// How events are grouped into handler calls.
 #[derive(Debug, Clone, Copy)]
@@ -498,9 +498,21 @@ impl Pipeline {
                         })?,
                 ),
             };
-            let error = match instance.handle(events).await {
-                Ok(()) => return Ok(Flushed::Done),
-                Err(error) => error,
+            let (error, failed_import) = match instance.handle(events).await {
+                Ok(()) => match self.imports.take_failure() {
+                    None => return Ok(Flushed::Done),
+                    // The guest caught a failed write and went on: confirming the batch would
+                    // lose what it could not write.
+                    Some(failed) => (
+                        HandleError::GuestError(format!(
+                            "the handler returned ok, but a host call failed during it and \
+                             the handler went on: {}",
+                            failed.message
+                        )),
+                        Some(failed),
+                    ),
+                },
+                Err(error) => (error, self.imports.take_failure()),
             };
             // A failed instance may hold half-updated guest state (or be poisoned by a trap):
             // the retry always starts from a fresh one.
@@ -514,7 +526,7 @@ impl Pipeline {
                 last_lsn,
                 error,
             };
-            let import_failure = self.imports.take_failure();
+            let import_failure = failed_import.map(|failed| failed.kind);
             match import_failure {
                 Some(ImportFailure::Permanent) => {
                     warn!(

@@ -133,7 +133,20 @@ pub struct QdrantUnavailable {
 impl QdrantSink {
     /// A sink for `options.collection`. Connects lazily: nothing is sent until
     /// [`Sink::prepare`]. Fails only on a URL that cannot work.
-    pub fn new(options: QdrantOptions) -> Result<QdrantSink, SinkError> {
+    pub fn new(mut options: QdrantOptions) -> Result<QdrantSink, SinkError> {
+        // Keys read from secret files often end in a line break. A key that is still no valid
+        // header value would make qdrant-client fail with an error quoting it; say so here,
+        // without the key.
+        if let Some(key) = options.api_key.take() {
+            let key = key.trim();
+            if tonic::metadata::AsciiMetadataValue::try_from(key).is_err() {
+                return Err(SinkError::Rejected(format!(
+                    "{API_KEY_VAR} holds a character an API key cannot contain (a control \
+                     character or a non-ASCII one); check the value (it is not shown here)"
+                )));
+            }
+            options.api_key = (!key.is_empty()).then(|| key.to_owned());
+        }
         let uri: tonic::transport::Uri = options.url.parse().map_err(|error| {
             SinkError::Rejected(format!(
                 "--qdrant-url {:?} is not a URL ({error}); expected http://host:6334 or \
@@ -206,6 +219,14 @@ impl QdrantSink {
             .collect())
     }
 
+    /// `text` with the API key, should a server or the client quote it, replaced.
+    fn without_api_key(&self, text: &str) -> String {
+        match &self.options.api_key {
+            Some(key) => text.replace(key.as_str(), "<redacted>"),
+            None => text.to_owned(),
+        }
+    }
+
     /// Runs `request` until it succeeds, fails permanently, or used up its tries.
     async fn with_retries<T, F, Fut>(
         &self,
@@ -226,8 +247,9 @@ impl QdrantSink {
             match classify(&error) {
                 Failure::Permanent(message) => {
                     return Err(SinkError::Rejected(format!(
-                        "Qdrant refused {operation} on collection {}: {message}",
-                        self.options.collection
+                        "Qdrant refused {operation} on collection {}: {}",
+                        self.options.collection,
+                        self.without_api_key(&message)
                     )));
                 }
                 Failure::UntrustedCertificate(reason) => {
@@ -967,6 +989,30 @@ mod tests {
             ),
         };
         assert_eq!(classify(&refused), Failure::Transient { retry_after: None });
+    }
+
+    #[test]
+    fn an_api_key_with_a_line_break_is_trimmed_and_a_broken_one_is_not_quoted() {
+        let with_key = |key: &str| {
+            let mut options = QdrantOptions::new("https://q.example:6334", "docs");
+            options.api_key = Some(key.to_owned());
+            QdrantSink::new(options)
+        };
+        let sink = with_key("secret-key\n").expect("a trailing line break is trimmed");
+        assert_eq!(sink.options.api_key.as_deref(), Some("secret-key"));
+        assert_eq!(
+            sink.without_api_key("Malformed API key or token: secret-key"),
+            "Malformed API key or token: <redacted>"
+        );
+        match with_key("secret\nkey") {
+            Err(SinkError::Rejected(message)) => {
+                assert!(message.contains(API_KEY_VAR), "{message}");
+                assert!(!message.contains("secret"), "{message}");
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a key with a line break inside is refused"),
+        }
+        assert_eq!(with_key("  ").unwrap().options.api_key, None);
     }
 
     #[test]

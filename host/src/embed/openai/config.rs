@@ -119,6 +119,12 @@ impl OpenAiConfig {
                 return Err(invalid(format!("{name} must be at least 1")));
             }
         }
+        if self.max_concurrent_requests > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(invalid(format!(
+                "max concurrent requests must be at most {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
+        }
         if self.dimensions == Some(0) {
             return Err(invalid("dimensions must be at least 1".into()));
         }

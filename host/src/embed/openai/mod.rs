@@ -311,7 +311,12 @@ impl OpenAiEmbedder {
             Ok((body, _)) => body,
             Err(_) => Vec::new(),
         };
-        let message = self.scrub(wire::error_message(&body));
+        // Scrubbed before quoting: a key the server echoes could be cut in two by the quote's
+        // length limit, and half a key would no longer match.
+        let message = wire::error_message(
+            self.scrub(String::from_utf8_lossy(&body).into_owned())
+                .as_bytes(),
+        );
         match status {
             StatusCode::TOO_MANY_REQUESTS if wire::is_quota_exhausted(&body) => {
                 Err(Failure::Permanent(self.rejected(status, message)))
@@ -393,6 +398,17 @@ impl OpenAiEmbedder {
     }
 
     fn transport_failure(&self, error: reqwest::Error) -> Failure {
+        if let Some(problem) = certificate_problem(&error) {
+            return Failure::Permanent(EmbedError::Config {
+                reason: format!(
+                    "the TLS certificate of the embedding server {} is not trusted ({problem}); \
+                     the system's and Mozilla's root certificates are trusted, and a server \
+                     whose certificate comes from a private CA is trusted once SSL_CERT_FILE \
+                     names a PEM file holding that CA's certificate",
+                    self.endpoint
+                ),
+            });
+        }
         let reason = if error.is_timeout() {
             format!("no complete answer within {} ms", self.timeout.as_millis())
         } else if error.is_connect() {
@@ -517,6 +533,28 @@ async fn read_body(
     Ok((body, false))
 }
 
+/// The rustls certificate error somewhere in `error`'s chain of causes, if any: a server the
+/// client does not trust is refused the same way on every try.
+fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        if let Some(rustls::Error::InvalidCertificate(problem)) =
+            current.downcast_ref::<rustls::Error>()
+        {
+            return Some(format!("{problem:?}"));
+        }
+        // An I/O error's `source` skips the error it wraps, which is where the TLS layer
+        // puts its own.
+        cause = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    None
+}
+
 /// rustls with ring, trusting the system store and the bundled Mozilla roots.
 fn tls_config() -> Result<rustls::ClientConfig, EmbedError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -537,6 +575,23 @@ fn tls_config() -> Result<rustls::ClientConfig, EmbedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_untrusted_certificate_is_found_behind_the_io_error_that_carries_it() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Transport(#[source] std::io::Error);
+        let refused = Transport(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert_eq!(
+            certificate_problem(&refused).as_deref(),
+            Some("UnknownIssuer")
+        );
+        let down = Transport(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(certificate_problem(&down), None);
+    }
 
     fn texts(lengths: &[usize]) -> Vec<String> {
         lengths.iter().map(|&n| "x".repeat(n)).collect()

@@ -396,19 +396,30 @@ impl QdrantSink {
                 dimensions,
                 "created the Qdrant collection (cosine distance)"
             );
-            for field in [SCHEMA_FIELD, TABLE_FIELD] {
-                let request = CreateFieldIndexCollection {
-                    collection_name: self.options.collection.clone(),
-                    wait: Some(true),
-                    field_name: field.to_owned(),
-                    field_type: Some(FieldType::Keyword as i32),
-                    ..CreateFieldIndexCollection::default()
-                };
-                self.with_retries("create payload index", || {
-                    self.client.create_field_index(request.clone())
-                })
-                .await?;
-            }
+        }
+        // Also when the collection already existed: a create whose answer was lost (a
+        // timeout, then "already exists" on the retry) must not leave it without indexes.
+        for field in [SCHEMA_FIELD, TABLE_FIELD] {
+            let request = CreateFieldIndexCollection {
+                collection_name: self.options.collection.clone(),
+                wait: Some(true),
+                field_name: field.to_owned(),
+                field_type: Some(FieldType::Keyword as i32),
+                ..CreateFieldIndexCollection::default()
+            };
+            self.with_retries("create payload index", || async {
+                match self.client.create_field_index(request.clone()).await {
+                    Ok(_) => Ok(()),
+                    Err(QdrantError::ResponseError { status })
+                        if status.code() == Code::AlreadyExists
+                            || status.message().contains("already exists") =>
+                    {
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
+            })
+            .await?;
         }
         Ok(())
     }

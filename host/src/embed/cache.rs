@@ -382,6 +382,14 @@ impl CachingEmbedder {
                 .unwrap_or_else(|e| e.into_inner()),
         )
     }
+
+    /// Keeps recency updates for a later commit.
+    fn defer_touches(&self, touches: Vec<Key>) {
+        self.pending_touches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(touches);
+    }
 }
 
 #[async_trait]
@@ -463,10 +471,7 @@ impl Embedder for CachingEmbedder {
 
         if missing.is_empty() {
             if touches.len() < TOUCH_FLUSH {
-                self.pending_touches
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(touches);
+                self.defer_touches(touches);
             } else {
                 match self
                     .run_blocking(store, move |store| store.commit(&touches, Vec::new()))
@@ -484,20 +489,28 @@ impl Embedder for CachingEmbedder {
             // Every text new and distinct (the common case on a first run): the input slice
             // goes to the model as it is, without copying the texts.
             let embedded = if missing.len() == texts.len() {
-                self.embed_with_model(texts).await?
+                self.embed_with_model(texts).await
             } else {
                 let batch: Vec<String> = missing
                     .iter()
                     .map(|&slot| texts[unique[slot].1].clone())
                     .collect();
-                self.embed_with_model(&batch).await?
+                self.embed_with_model(&batch).await
             };
-            if embedded.len() != missing.len() {
-                return Err(EmbedError::WrongCount {
-                    expected: missing.len(),
-                    returned: embedded.len(),
-                });
-            }
+            let embedded = match embedded {
+                Ok(embedded) if embedded.len() == missing.len() => embedded,
+                failed => {
+                    // The hits were still used: keep their recency for the next commit.
+                    self.defer_touches(touches);
+                    return Err(match failed {
+                        Ok(embedded) => EmbedError::WrongCount {
+                            expected: missing.len(),
+                            returned: embedded.len(),
+                        },
+                        Err(error) => error,
+                    });
+                }
+            };
             // Only vectors of the advertised length are stored; a wrong one is still returned
             // so the caller sees what the model produced.
             let new_entries: Vec<(Key, Vec<u8>)> = missing

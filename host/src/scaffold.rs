@@ -20,6 +20,9 @@ use include_dir::{Dir, DirEntry, include_dir};
 /// rebuild when a template changes).
 static TEMPLATES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../templates");
 
+/// The Rust example handler's lock file (its dependencies are the guest SDK's).
+const EXAMPLE_CARGO_LOCK: &str = include_str!("../../examples/embed-handler/Cargo.lock");
+
 /// The guest SDK's sources, copied into Rust projects.
 static GUEST_SDK_SOURCES: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/../guest-sdk/src");
 
@@ -201,6 +204,16 @@ pub fn render(language: Language, name: &str) -> Result<Vec<ProjectFile>, Scaffo
         executable: false,
     });
     if language == Language::Rust {
+        // The example's lock file, for its root package renamed: the project's first build
+        // then uses the dependency versions the example is tested with, not whatever
+        // crates.io has that day.
+        files.push(ProjectFile {
+            path: PathBuf::from("Cargo.lock"),
+            contents: EXAMPLE_CARGO_LOCK
+                .replace("name = \"embed-handler\"", &format!("name = \"{name}\""))
+                .into_bytes(),
+            executable: false,
+        });
         collect_files(
             &GUEST_SDK_SOURCES,
             GUEST_SDK_SOURCES.path(),
@@ -308,6 +321,10 @@ mod tests {
         assert!(file("pgstream-guest/src/lib.rs").contents.len() > 1000);
         let manifest = String::from_utf8(file("Cargo.toml").contents.clone()).unwrap();
         assert!(manifest.contains("name = \"docs-embedder\""), "{manifest}");
+        let lock = String::from_utf8(file("Cargo.lock").contents.clone()).unwrap();
+        assert!(lock.contains("name = \"docs-embedder\""), "{lock}");
+        assert!(lock.contains("name = \"wit-bindgen\""), "{lock}");
+        assert!(!lock.contains("embed-handler"), "{lock}");
         for file in &files {
             let text = String::from_utf8_lossy(&file.contents);
             assert!(

@@ -390,7 +390,7 @@ impl Pipeline {
                     Step::Continue => {}
                     Step::Confirm(lsn) => confirm(stream, summary, lsn),
                     Step::BatchFull => {
-                        if self
+                        let flushed = self
                             .flush(
                                 &mut builder,
                                 handler,
@@ -398,9 +398,8 @@ impl Pipeline {
                                 summary,
                                 Some(shutdown.as_mut()),
                             )
-                            .await?
-                            == Flushed::Abandoned
-                        {
+                            .await?;
+                        if flushed == Flushed::Abandoned {
                             return Ok(StreamEnd::Finished);
                         }
                         batch_open = false;
@@ -415,7 +414,7 @@ impl Pipeline {
                 if let Some(stop) = config.stop_at
                     && builder.reached(stop)
                 {
-                    if self
+                    let flushed = self
                         .flush(
                             &mut builder,
                             handler,
@@ -423,9 +422,8 @@ impl Pipeline {
                             summary,
                             Some(shutdown.as_mut()),
                         )
-                        .await?
-                        == Flushed::Abandoned
-                    {
+                        .await?;
+                    if flushed == Flushed::Abandoned {
                         return Ok(StreamEnd::Finished);
                     }
                     if summary.confirmed >= stop {

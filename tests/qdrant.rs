@@ -87,6 +87,23 @@ async fn prepare_creates_a_cosine_collection_indexed_by_source() {
     prepared_sink(&server, 3).await;
 }
 
+/// The collection was created but the answer lost: the retry meets "already exists", and
+/// the collection must still get the indexes truncates filter by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_whose_creation_answer_was_lost_still_gets_its_indexes() {
+    let server = FakeQdrant::start().await.unwrap();
+    server.lose_next_create_answer();
+    prepared_sink(&server, 3).await;
+    assert_eq!(server.requests_by_method()["Collections/Create"], 2);
+    assert_eq!(
+        server
+            .collection("docs")
+            .expect("collection created")
+            .indexed_fields,
+        BTreeSet::from(["_schema".to_owned(), "_table".to_owned()])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_names_both_sizes_when_the_collection_does_not_fit() {
     let server = FakeQdrant::start().await.unwrap();
@@ -837,8 +854,8 @@ async fn a_stop_during_an_outage_exits_at_once_and_the_next_start_delivers_the_b
     let before_insert = db.current_lsn_bytes().await;
     db.exec("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20) g;")
         .await;
-    // Three failed tries: the backoff has grown past a second, and the outage limit is ten
-    // minutes away.
+    // Three failed tries: the host is waiting to retry, and the outage limit is ten minutes
+    // away; the stop must not wait for either.
     wait_until(HOST_RUN_TIMEOUT, || async {
         host.log()
             .matches("the embedder or the sink is unavailable")

@@ -639,13 +639,15 @@ async fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
                 "no embedding model found: pass --model-dir (a folder with config.json, \
                  tokenizer.json and model.safetensors) or run `make setup`",
             )?;
-            let embedder = MiniLmEmbedder::load(
-                &dir,
-                MiniLmOptions {
-                    threads: args.embed_threads.max(1),
-                    ..MiniLmOptions::default()
-                },
-            )?;
+            let options = MiniLmOptions {
+                threads: args.embed_threads.max(1),
+                ..MiniLmOptions::default()
+            };
+            // Reading 90 MB of weights takes a moment: off the (single) async thread, so the
+            // signal listener keeps running meanwhile.
+            let embedder = tokio::task::spawn_blocking(move || MiniLmEmbedder::load(&dir, options))
+                .await
+                .context("loading the embedding model panicked")??;
             Ok(Arc::new(embedder))
         }
         EmbedderKind::Openai => {
@@ -737,38 +739,44 @@ fn default_cache_dir() -> Option<PathBuf> {
 /// are watched by a task of their own, so the second one is noticed while the pipeline is busy
 /// inside a handler call and not polling its shutdown future.
 fn listen_for_shutdown() -> impl Future<Output = ()> + Send + 'static {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (requested, on_request) = tokio::sync::oneshot::channel::<()>();
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut interrupt), Ok(mut terminate)) => {
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = interrupt.recv() => info!("SIGINT received; finishing the batch in flight (send it again to exit now)"),
-                    _ = terminate.recv() => info!("SIGTERM received; finishing the batch in flight (send it again to exit now)"),
-                }
-                let _ = requested.send(());
-                // The shell's convention: 128 plus the signal's number.
-                let code = tokio::select! {
-                    _ = interrupt.recv() => 128 + 2,
-                    _ = terminate.recv() => 128 + 15,
-                };
-                eprintln!(
-                    "error: second signal received; exiting without finishing the batch in \
-                     flight (its changes were not confirmed and are replayed at the next start)"
-                );
-                std::process::exit(code);
-            });
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    // Each signal on its own: one that cannot be watched (practically never) must not take
+    // the other down with it.
+    let watch = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(stream) => Some(stream),
+        Err(error) => {
+            error!("cannot listen for {name}: {error}");
+            None
         }
-        // Practically unreachable. A signal whose handler was not installed keeps its default
-        // action and ends the process, which loses nothing: only handled batches are confirmed.
-        (Err(error), _) | (_, Err(error)) => {
-            error!("cannot listen for SIGINT and SIGTERM: {error}");
-            drop(requested);
+    };
+    async fn next(signal: &mut Option<Signal>) {
+        match signal {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
         }
     }
+    let mut interrupt = watch(SignalKind::interrupt(), "SIGINT");
+    let mut terminate = watch(SignalKind::terminate(), "SIGTERM");
+    let (requested, on_request) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = next(&mut interrupt) => info!("SIGINT received; finishing the batch in flight (send it again to exit now)"),
+            _ = next(&mut terminate) => info!("SIGTERM received; finishing the batch in flight (send it again to exit now)"),
+        }
+        let _ = requested.send(());
+        // The shell's convention: 128 plus the signal's number.
+        let code = tokio::select! {
+            _ = next(&mut interrupt) => 128 + 2,
+            _ = next(&mut terminate) => 128 + 15,
+        };
+        eprintln!(
+            "error: second signal received; exiting without finishing the batch in flight \
+             (its changes were not confirmed and are replayed at the next start)"
+        );
+        std::process::exit(code);
+    });
     async move {
         if on_request.await.is_err() {
             std::future::pending::<()>().await;

@@ -9,7 +9,7 @@
 //! ignored while embedding still works.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -26,6 +26,8 @@ struct CountingEmbedder {
     calls: AtomicUsize,
     texts: AtomicUsize,
     batches: Mutex<Vec<Vec<String>>>,
+    /// Whether calls fail, as a model server that is down does.
+    failing: AtomicBool,
 }
 
 impl CountingEmbedder {
@@ -36,7 +38,12 @@ impl CountingEmbedder {
             calls: AtomicUsize::new(0),
             texts: AtomicUsize::new(0),
             batches: Mutex::new(Vec::new()),
+            failing: AtomicBool::new(false),
         })
+    }
+
+    fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
     }
 
     fn calls(&self) -> usize {
@@ -71,6 +78,14 @@ impl Embedder for CountingEmbedder {
     }
 
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(EmbedError::Unavailable {
+                endpoint: "counting-model".into(),
+                attempts: 1,
+                reason: "told to fail".into(),
+                source: None,
+            });
+        }
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.texts.fetch_add(texts.len(), Ordering::SeqCst);
         self.batches.lock().unwrap().push(texts.to_vec());
@@ -346,6 +361,41 @@ async fn the_cache_stays_under_its_size_limit_and_evicts_least_recently_used() {
     let oldest = &written[..100];
     cache.embed(oldest).await.unwrap();
     assert_eq!(model.texts(), 100, "the oldest entries were kept");
+}
+
+/// A hit in a call whose misses the model then failed on was still a use: the entry stays
+/// among the most recently used, as in the test above, though no call it was part of succeeded.
+#[tokio::test]
+async fn a_hit_in_a_call_the_model_fails_still_counts_as_a_recent_use() {
+    const MINILM_DIMS: usize = 384;
+    const LIMIT: u64 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = cache_path(&dir);
+    let model = CountingEmbedder::new(MODEL, MINILM_DIMS);
+    let cache_options = options(&path, LIMIT);
+    let capacity = cache_options.capacity(MINILM_DIMS) as usize;
+    let cache = CachingEmbedder::try_open(model.clone(), &cache_options).unwrap();
+
+    let hot = "used only in calls that fail".to_owned();
+    cache.embed(std::slice::from_ref(&hot)).await.unwrap();
+    for round in 0..capacity * 3 / 100 {
+        let batch: Vec<String> = (0..100).map(|i| format!("text {round}-{i}")).collect();
+        cache.embed(&batch).await.unwrap();
+        model.set_failing(true);
+        let with_a_miss = [hot.clone(), format!("never embedded {round}")];
+        assert!(cache.embed(&with_a_miss).await.is_err());
+        model.set_failing(false);
+    }
+    drop(cache);
+
+    let model = CountingEmbedder::new(MODEL, MINILM_DIMS);
+    let cache = CachingEmbedder::try_open(model.clone(), &cache_options).unwrap();
+    cache.embed(&[hot]).await.unwrap();
+    assert_eq!(
+        model.calls(),
+        0,
+        "the entry used in every round was evicted"
+    );
 }
 
 #[tokio::test]

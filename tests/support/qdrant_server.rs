@@ -178,6 +178,12 @@ impl FakeQdrant {
         self.lock().failures = (count > 0).then_some((count, code));
     }
 
+    /// Carries out the next collection creation but answers it DEADLINE_EXCEEDED, as when
+    /// the reply was lost on the way: the client's retry then meets "already exists".
+    pub fn lose_next_create_answer(&self) {
+        self.lock().lose_create_answer = true;
+    }
+
     /// Makes every request wait `delay` before it is handled.
     pub fn set_delay(&self, delay: Duration) {
         self.lock().delay = delay;
@@ -222,6 +228,8 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 struct State {
     collections: BTreeMap<String, Collection>,
     failures: Option<(u32, Code)>,
+    /// The next collection creation is carried out but answered DEADLINE_EXCEEDED.
+    lose_create_answer: bool,
     delay: Duration,
     requests: BTreeMap<&'static str, u64>,
     unwaited_writes: u64,
@@ -677,6 +685,9 @@ impl Collections for Service {
         state
             .collections
             .insert(name, Collection::new(params.size, distance));
+        if std::mem::take(&mut state.lose_create_answer) {
+            return Err(Status::deadline_exceeded("injected: the answer was lost"));
+        }
         Ok(Response::new(proto::CollectionOperationResponse {
             result: true,
             time: 0.0,

@@ -97,16 +97,6 @@ impl<'a> TestPipeline<'a> {
         self
     }
 
-    /// The database the pipeline reads.
-    pub fn db(&self) -> &'a TestDb {
-        self.db
-    }
-
-    /// The replication slot's name.
-    pub fn slot(&self) -> &str {
-        &self.slot
-    }
-
     /// `pgstream-host [subcommand] <args> [extra]` with the pipeline's environment.
     pub fn command(&self, subcommand: Option<&str>, extra: &[&str]) -> Command {
         let mut command = HostProcess::command();

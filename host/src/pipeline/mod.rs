@@ -230,6 +230,13 @@ impl Pipeline {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<RunSummary, PipelineError> {
         let config = &self.config;
+        let mut shutdown = std::pin::pin!(shutdown);
+        // A stop asked for while the process was starting (model, plugin): set nothing up, so
+        // an aborted start leaves no slot holding WAL behind.
+        if stop_requested(&mut shutdown) {
+            info!(pipeline = %config.name, "stop requested before the pipeline started; nothing was set up");
+            return Ok(RunSummary::default());
+        }
         let client = config.source.connect_sql().await?;
         replication::preflight(&client, &config.tables).await?;
         let report =
@@ -255,11 +262,14 @@ impl Pipeline {
             confirmed: start,
             ..RunSummary::default()
         };
+        if stop_requested(&mut shutdown) {
+            info!(pipeline = %config.name, confirmed = %start, "stop requested while starting; shutting down");
+            return Ok(summary);
+        }
         if config.stop_at.is_some_and(|stop| start >= stop) {
             info!(pipeline = %config.name, confirmed = %start, "already at --stop-at-lsn");
             return Ok(summary);
         }
-        let mut shutdown = std::pin::pin!(shutdown);
         let mut handler: Option<HandlerInstance> = None;
         let mut connect_failures = 0u32;
         loop {
@@ -355,6 +365,7 @@ impl Pipeline {
             let chunk = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {
+                    // Handled or given up on, what is confirmed is what `summary` says.
                     self.flush(&mut builder, handler, stream, summary, None).await?;
                     info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
                     return Ok(StreamEnd::Finished);
@@ -389,6 +400,14 @@ impl Pipeline {
                 match step {
                     Step::Continue => {}
                     Step::Confirm(lsn) => confirm(stream, summary, lsn),
+                    Step::BatchFull if stop_requested(shutdown) => {
+                        // The stop came while this chunk was being read: finish this batch,
+                        // leave the rest of the chunk to the next start.
+                        self.flush(&mut builder, handler, stream, summary, None)
+                            .await?;
+                        info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
+                        return Ok(StreamEnd::Finished);
+                    }
                     Step::BatchFull => {
                         let flushed = self
                             .flush(
@@ -502,11 +521,7 @@ impl Pipeline {
                     // The guest caught a failed write and went on: confirming the batch would
                     // lose what it could not write.
                     Some(failed) => (
-                        HandleError::GuestError(format!(
-                            "the handler returned ok, but a host call failed during it and \
-                             the handler went on: {}",
-                            failed.message
-                        )),
+                        HandleError::IgnoredHostFailure(failed.message.clone()),
                         Some(failed),
                     ),
                 },
@@ -610,6 +625,13 @@ pub async fn primary_keys(
         }
     }
     Ok(keys)
+}
+
+/// Whether the stop request has come, without waiting for it. Once this returns true the
+/// future has finished and must not be polled again: every caller returns at once.
+fn stop_requested(shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>) -> bool {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    shutdown.as_mut().poll(&mut context).is_ready()
 }
 
 fn confirm(stream: &ReplicationStream, summary: &mut RunSummary, lsn: Lsn) {

@@ -91,12 +91,22 @@ pub enum HandleError {
     /// The instance was poisoned by an earlier failure and must be replaced.
     #[error("handler instance is poisoned by an earlier failure; instantiate a new one")]
     Poisoned,
+    /// The guest returned `ok`, but a host call it made during the call failed and it went
+    /// on: what it asked for was not done. Set by the pipeline, which learns of the failed
+    /// call from its imports.
+    #[error(
+        "the handler returned ok, but a host call failed during it and the handler went on: {0}"
+    )]
+    IgnoredHostFailure(String),
 }
 
 impl HandleError {
     /// Whether the instance that returned this error must be dropped: true for everything but
-    /// [`HandleError::GuestError`].
+    /// [`HandleError::GuestError`] and [`HandleError::IgnoredHostFailure`].
     pub fn is_poisoned(&self) -> bool {
-        !matches!(self, HandleError::GuestError(_))
+        !matches!(
+            self,
+            HandleError::GuestError(_) | HandleError::IgnoredHostFailure(_)
+        )
     }
 }

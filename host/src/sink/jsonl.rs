@@ -30,7 +30,7 @@ impl JsonLinesSink {
             .open(path)
             .map_err(|error| {
                 SinkError::Rejected(format!(
-                    "cannot open {} for appending: {error}",
+                    "the JSON-lines sink cannot open {} for appending: {error}",
                     path.display()
                 ))
             })?;
@@ -41,10 +41,9 @@ impl JsonLinesSink {
 
     /// Writes the lines and syncs, so a write that returned `Ok` survives a crash.
     fn append(&self, lines: impl Iterator<Item = Json>) -> Result<(), SinkError> {
-        let file = self
-            .file
-            .lock()
-            .map_err(|_| SinkError::Rejected("the sink file lock was poisoned".into()))?;
+        let file = self.file.lock().map_err(|_| {
+            SinkError::Rejected("the JSON-lines sink's file lock was poisoned".into())
+        })?;
         let mut writer = BufWriter::new(&*file);
         for line in lines {
             serde_json::to_writer(&mut writer, &line)
@@ -76,7 +75,9 @@ impl Sink for JsonLinesSink {
         let mut lines = Vec::with_capacity(points.len());
         for point in points {
             let payload: Json = serde_json::from_str(&point.payload).map_err(|error| {
-                SinkError::Rejected(format!("point payload is not valid JSON: {error}"))
+                SinkError::Rejected(format!(
+                    "the JSON-lines sink got a point payload that is not valid JSON: {error}"
+                ))
             })?;
             let (schema, table, key) = key_fields(&point.key);
             lines.push(json!({

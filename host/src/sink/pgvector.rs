@@ -262,7 +262,7 @@ fn classify(error: tokio_postgres::Error) -> SinkError {
                 db.message(),
                 db.code().code()
             ),
-            None => format!("the pgvector sink database refused the statement: {error}"),
+            None => format!("the pgvector sink failed a statement: {error}"),
         };
         SinkError::Rejected(message)
     }
@@ -276,10 +276,13 @@ impl Sink for PgVectorSink {
             .batch_execute("CREATE EXTENSION IF NOT EXISTS vector")
             .await
             .map_err(|error| {
+                let reason = match error.as_db_error() {
+                    Some(db) => db.message().to_owned(),
+                    None => error.to_string(),
+                };
                 SinkError::Rejected(format!(
-                    "the pgvector extension is not available in the sink database ({}); \
-                     install pgvector on that server or run CREATE EXTENSION vector as a superuser",
-                    classify(error)
+                    "the pgvector extension is not available in the sink database ({reason}); \
+                     install pgvector on that server or run CREATE EXTENSION vector as a superuser"
                 ))
             })?;
         let existing = client

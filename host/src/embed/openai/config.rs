@@ -257,6 +257,16 @@ mod tests {
     }
 
     #[test]
+    fn concurrency_beyond_what_a_semaphore_holds_is_refused() {
+        let mut config = OpenAiConfig::new(DEFAULT_BASE_URL, DEFAULT_MODEL);
+        config.max_concurrent_requests = usize::MAX;
+        assert!(matches!(
+            config.endpoint(),
+            Err(EmbedError::Config { reason }) if reason.contains("at most")
+        ));
+    }
+
+    #[test]
     fn api_key_is_trimmed_and_never_printed() {
         assert_eq!(ApiKey::new("  \n"), None);
         let key = ApiKey::new("sk-very-secret\n").unwrap();

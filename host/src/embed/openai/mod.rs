@@ -311,12 +311,7 @@ impl OpenAiEmbedder {
             Ok((body, _)) => body,
             Err(_) => Vec::new(),
         };
-        // Scrubbed before quoting: a key the server echoes could be cut in two by the quote's
-        // length limit, and half a key would no longer match.
-        let message = wire::error_message(
-            self.scrub(String::from_utf8_lossy(&body).into_owned())
-                .as_bytes(),
-        );
+        let message = server_message(&body, self.api_key.as_ref());
         match status {
             StatusCode::TOO_MANY_REQUESTS if wire::is_quota_exhausted(&body) => {
                 Err(Failure::Permanent(self.rejected(status, message)))
@@ -438,16 +433,6 @@ impl OpenAiEmbedder {
             reason,
         }
     }
-
-    /// `message` with every copy of the API key replaced.
-    fn scrub(&self, message: String) -> String {
-        match &self.api_key {
-            Some(key) if message.contains(key.expose()) => {
-                message.replace(key.expose(), "<redacted>")
-            }
-            _ => message,
-        }
-    }
 }
 
 #[async_trait]
@@ -533,6 +518,19 @@ async fn read_body(
     Ok((body, false))
 }
 
+/// The server's error message in `body`, with the API key removed first: a key the server
+/// echoes could be cut in two by the quote's length limit, and half a key would no longer
+/// match.
+fn server_message(body: &[u8], key: Option<&ApiKey>) -> String {
+    let text = String::from_utf8_lossy(body);
+    match key {
+        Some(key) if text.contains(key.expose()) => {
+            wire::error_message(text.replace(key.expose(), "<redacted>").as_bytes())
+        }
+        _ => wire::error_message(body),
+    }
+}
+
 /// The rustls certificate error somewhere in `error`'s chain of causes, if any: a server the
 /// client does not trust is refused the same way on every try.
 fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<String> {
@@ -575,6 +573,19 @@ fn tls_config() -> Result<rustls::ClientConfig, EmbedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_is_removed_before_a_long_body_is_cut_short() {
+        let key = ApiKey::new("sk-proj-0123456789abcdefghijklmnopqrstuvwxyz").unwrap();
+        // Not JSON, so the body itself is quoted, and the cut falls inside the key.
+        let body = format!("{}{} and more", "x".repeat(290), key.expose());
+        let message = server_message(body.as_bytes(), Some(&key));
+        assert!(!message.contains("sk-proj-01"), "{message}");
+        assert!(
+            server_message(body.as_bytes(), None).contains("sk-proj-01"),
+            "the cut does fall inside the key"
+        );
+    }
 
     #[test]
     fn an_untrusted_certificate_is_found_behind_the_io_error_that_carries_it() {

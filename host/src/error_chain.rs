@@ -7,7 +7,7 @@
 //! text walk the chain here.
 
 /// `error`, then each of its causes, joined by `": "`.
-pub(crate) fn one_line(error: &dyn std::error::Error) -> String {
+pub fn one_line(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -6,7 +6,8 @@
 //! ```text
 //! replication (CopyBoth stream of WAL frames)
 //!   -> pgoutput (pure decoder, zero-copy over Bytes)
-//!   -> pipeline (relation cache, batches of ChangeEvents, ACK bookkeeping)
+//!   -> source (a ChangeSource: changes, commits, idle positions; takes confirmations)
+//!   -> pipeline (batches of ChangeEvents, ACK bookkeeping, retries)
 //!   -> runtime (wasmtime component per pipeline, `handle(events)`)
 //!   -> host imports: embed / upsert / delete / log
 //!   -> embed::Embedder and sink::Sink
@@ -17,9 +18,12 @@
 //! replays rather than skips.
 #![warn(missing_docs)]
 
+pub mod assembly;
 mod backoff;
+pub mod config;
+pub mod coordination;
 pub mod embed;
-mod error_chain;
+pub mod error_chain;
 pub mod event;
 pub mod lsn;
 pub mod pgoutput;
@@ -29,3 +33,5 @@ pub mod replication;
 pub mod runtime;
 pub mod scaffold;
 pub mod sink;
+pub mod source;
+pub mod supervisor;

@@ -5,22 +5,22 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use pgstream_host::assembly::{self, AssemblyError, SharedResources};
+use pgstream_host::config::{
+    ConfigFile, EmbedCacheSpec, EmbedderSpec, PipelineSpec, ProcessSettings, Secret, SinkSpec,
+};
+use pgstream_host::coordination::{self, ObservedStatus};
 use pgstream_host::embed::{
-    ApiKey, CachingEmbedder, DEFAULT_BASE_URL, DEFAULT_MODEL, EmbedCacheOptions, Embedder,
-    MiniLmEmbedder, MiniLmOptions, OpenAiConfig, OpenAiEmbedder, default_model_dir,
+    API_KEY_ENV, DEFAULT_BASE_URL, DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
 };
 use pgstream_host::lsn::Lsn;
-use pgstream_host::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
-use pgstream_host::replication::{self, SourceConfig, StreamOptions, TableName};
-use pgstream_host::runtime::{EngineOptions, Limits, PluginEngine};
+use pgstream_host::replication::{self, SourceConfig, TableName};
 use pgstream_host::scaffold::{self, Language};
-use pgstream_host::sink::{
-    JsonLinesSink, PgVectorSink, QDRANT_API_KEY_VAR, QdrantOptions, QdrantSink, Sink,
-};
+use pgstream_host::sink::QDRANT_API_KEY_VAR;
+use pgstream_host::supervisor::{PipelineFailure, RestartPolicy, Supervisor};
 use tracing::{error, info};
 
 /// Streams Postgres row changes through a sandboxed WebAssembly handler into a vector store.
@@ -42,6 +42,13 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Pipeline(PipelineCommand),
+    /// Check a config file without running anything: exit 0, or list every problem.
+    Validate(ConfigArgs),
+    /// Run every pipeline of a config file until SIGINT/SIGTERM. A failing pipeline is
+    /// restarted with backoff; the others keep running.
+    Serve(ConfigArgs),
+    /// One line per pipeline of a config file: state, confirmed LSN, lag, last error.
+    Status(ConfigArgs),
     /// Write a ready-to-build handler project into the folder NAME.
     New {
         /// The language to write the handler in.
@@ -50,6 +57,13 @@ enum Command {
         /// Project name (lowercase, dashes allowed): the folder, the package and `NAME.wasm`.
         name: String,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// The config file (TOML): [sources.*], [embedders.*], [sinks.*] and [[pipeline]] tables.
+    #[arg(long, env = "PGSTREAM_CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,14 +374,14 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-// One thread runs the pipeline and its replication socket task. With the multi-threaded
-// runtime the pipeline (polled by `block_on` on the main thread) and the socket task (on a
-// worker) sat on different threads, so every chunk read from the socket cost a cross-thread
-// wake-up; under load that became a storm of context switches that halved throughput. Nothing
-// here blocks the thread for long: embedding runs on the embedder's own threads, compiling a
-// plugin on the blocking pool, and a computing guest yields at every epoch tick.
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+// `run` (one pipeline) uses one thread for the pipeline and its replication socket task. With
+// the multi-threaded runtime the pipeline and the socket task sat on different threads, so
+// every chunk read from the socket cost a cross-thread wake-up; under load that became a storm
+// of context switches that halved throughput. Nothing there blocks the thread for long:
+// embedding runs on the embedder's own threads, compiling a plugin on the blocking pool, and a
+// computing guest yields at every epoch tick. `serve` runs many pipelines, which should use
+// every core and not wait for each other's guests: it gets the multi-threaded runtime.
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PGSTREAM_LOG")
@@ -381,7 +395,22 @@ async fn main() {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let cli = Cli::parse();
-    let code = match run(cli).await {
+    let runtime = match cli.command {
+        Some(Command::Serve(_)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            std::process::exit(1)
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -398,6 +427,9 @@ async fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::New { lang, name }) => new_project(lang.into(), &name),
+        Some(Command::Validate(config)) => validate(&config.config).await,
+        Some(Command::Serve(config)) => serve(&config.config).await,
+        Some(Command::Status(config)) => status(&config.config).await,
         Some(Command::Pipeline(command)) => run_pipeline_command(command, cli.args).await,
         None => run_pipeline_command(PipelineCommand::Run, cli.args).await,
     }
@@ -405,31 +437,14 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// The commands that work on a source database and its pipeline.
 async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()> {
-    let dsn = args
-        .dsn
-        .clone()
-        .context("no source database: pass --dsn or set PGSTREAM_DSN")?;
-    let source = SourceConfig::from_dsn(&dsn).context(
-        "--dsn (PGSTREAM_DSN) is not a usable connection string; expected \
-         postgresql://user:password@host:port/dbname or key=value pairs",
-    )?;
-    let slot = args.slot.clone().unwrap_or_else(|| args.name.clone());
-    let publication = args
-        .publication
-        .clone()
-        .unwrap_or_else(|| args.name.clone());
-    let tables = args
-        .tables
-        .iter()
-        .map(|table| table.parse::<TableName>())
-        .collect::<Result<Vec<_>, _>>()?;
-
+    let spec = pipeline_spec(&args)?;
     match command {
         PipelineCommand::Setup => {
-            require_tables(&tables)?;
+            let (source, tables) = source_and_tables(&spec)?;
             let client = source.connect_sql().await?;
             replication::preflight(&client, &tables).await?;
-            let report = replication::setup(&client, &slot, &publication, &tables).await?;
+            let (slot, publication) = (spec.slot_name(), spec.publication_name());
+            let report = replication::setup(&client, slot, publication, &tables).await?;
             println!(
                 "publication {publication}: {}; slot {slot}: {}",
                 if report.publication_created {
@@ -452,49 +467,27 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             Ok(())
         }
         PipelineCommand::Check => {
-            require_tables(&tables)?;
+            let (source, tables) = source_and_tables(&spec)?;
             let client = source.connect_sql().await?;
             replication::preflight(&client, &tables).await?;
             println!("{}: ready for logical replication", source.display());
             Ok(())
         }
         PipelineCommand::Teardown => {
+            let source =
+                assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
             let client = source.connect_sql().await?;
-            replication::teardown(&client, &slot, &publication).await?;
+            let (slot, publication) = (spec.slot_name(), spec.publication_name());
+            replication::teardown(&client, slot, publication).await?;
             println!("dropped slot {slot} and publication {publication}");
             Ok(())
         }
         PipelineCommand::Search { query, limit } => {
-            require_tables(&tables)?;
-            let embedder = build_embedder(&args).await?;
-            let vector = embedder
-                .embed(std::slice::from_ref(&query))
-                .await?
-                .pop()
-                .context("the embedder returned no vector")?;
-            let (hits, collection) = match args.sink {
-                SinkKind::Qdrant => {
-                    let sink = qdrant_sink(&args, &tables[0])?;
-                    let hits = sink.search(vector, limit.max(0) as u64).await?;
-                    (hits, qdrant_collection(&args, &tables[0]))
-                }
-                SinkKind::Pgvector => {
-                    let collection = collection_table(&args, &tables[0])?;
-                    let sink_source =
-                        SourceConfig::from_dsn(args.sink_dsn.as_deref().unwrap_or(&dsn))?;
-                    let client = sink_source.connect_sql().await?;
-                    let hits = PgVectorSink::search(
-                        &client,
-                        &collection.schema,
-                        &collection.name,
-                        vector,
-                        limit,
-                    )
-                    .await?;
-                    (hits, collection.to_string())
-                }
-                SinkKind::Jsonl => bail!("search needs --sink pgvector or --sink qdrant"),
-            };
+            let shared = SharedResources::new(&process_settings(&args)).map_err(cli_error)?;
+            let limit = u64::try_from(limit).unwrap_or(0);
+            let (hits, collection) = assembly::search(&spec, &shared, &query, limit)
+                .await
+                .map_err(cli_error)?;
             println!("nearest to {query:?} in {collection}:");
             for hit in hits {
                 println!("  {:.3}  {}", hit.similarity, hit.payload);
@@ -502,96 +495,336 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             Ok(())
         }
         PipelineCommand::Run => {
-            require_tables(&tables)?;
-            let plugin = args
-                .plugin
-                .clone()
-                .context("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN")?;
             // From here on a signal asks for a clean stop (a second one ends the process), also
             // while the model loads and the plugin compiles: the pipeline then stops as soon
             // as it runs, having confirmed nothing new.
-            let shutdown = listen_for_shutdown();
-            let mut embedder = build_embedder(&args).await?;
-            if let Some(path) = args.embed_cache.clone() {
-                // Below a few MiB the cache would evict on every commit: it would cost an fsync
-                // per batch and save nothing.
-                if args.embed_cache_max_mb < 16 {
-                    bail!(
-                        "--embed-cache-max-mb {} is too small to keep anything; use at least 16",
-                        args.embed_cache_max_mb
-                    );
-                }
-                let options = EmbedCacheOptions {
-                    path,
-                    max_bytes: args.embed_cache_max_mb.saturating_mul(1024 * 1024),
-                };
-                let inner = embedder.clone();
-                // Opening after a crash makes redb check the whole file: off the async thread.
-                let cached =
-                    tokio::task::spawn_blocking(move || CachingEmbedder::open(inner, &options))
-                        .await
-                        .context("opening the embedding cache panicked")?;
-                embedder = Arc::new(cached);
+            if args.plugin.is_none() {
+                bail!("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN");
             }
-            let sink = build_sink(&args, &dsn, &tables[0])?;
-            let engine = PluginEngine::new(EngineOptions {
-                cache_dir: args.cache_dir.clone().or_else(default_cache_dir),
-            })?;
-            let config = PipelineConfig {
-                name: args.name.clone(),
-                source,
-                tables,
-                slot,
-                publication,
-                plugin,
-                limits: Limits {
-                    call_timeout: Duration::from_millis(args.call_timeout_ms),
-                    memory_bytes: args.memory_limit_mb.saturating_mul(1024 * 1024),
+            let shutdown = listen_for_shutdown();
+            let shared = SharedResources::new(&process_settings(&args)).map_err(cli_error)?;
+            let supervisor = Supervisor::new(Arc::new(shared), vec![spec], RestartPolicy::never());
+            let outcome = supervisor
+                .run(shutdown)
+                .await
+                .pop()
+                .context("the pipeline ended without an outcome")?;
+            outcome.result.map(drop).map_err(failure_error)
+        }
+    }
+}
+
+/// `validate`: the file's own checks, then what can be checked without running: each plugin
+/// compiles against the host's world, each in-process model folder exists.
+async fn validate(path: &Path) -> Result<()> {
+    let file = ConfigFile::load(path)?;
+    let shared = SharedResources::new(&file.settings).map_err(cli_error)?;
+    let mut problems = Vec::new();
+    for spec in &file.pipelines {
+        if let Err(error) = assembly::load_plugin(&shared, &spec.plugin).await {
+            problems.push(format!(
+                "{}: pipeline {}: {}",
+                path.display(),
+                spec.name,
+                pgstream_host::error_chain::one_line(&error)
+            ));
+        }
+        if let EmbedderSpec::Minilm { model_dir, .. } = &spec.embedder {
+            let dir = model_dir
+                .clone()
+                .or_else(pgstream_host::embed::default_model_dir);
+            if !dir.is_some_and(|dir| dir.join("model.safetensors").is_file()) {
+                problems.push(format!(
+                    "{}: pipeline {}: embedder.model_dir: no all-MiniLM-L6-v2 model found; name \
+                     a folder with config.json, tokenizer.json and model.safetensors",
+                    path.display(),
+                    spec.name
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    let names: Vec<&str> = file
+        .pipelines
+        .iter()
+        .map(|spec| spec.name.as_str())
+        .collect();
+    println!(
+        "{}: ok, {} pipelines: {}",
+        path.display(),
+        names.len(),
+        names.join(", ")
+    );
+    Ok(())
+}
+
+/// `serve`: every pipeline of the file under one supervisor.
+async fn serve(path: &Path) -> Result<()> {
+    let file = ConfigFile::load(path)?;
+    let shutdown = listen_for_shutdown();
+    let shared = SharedResources::new(&file.settings).map_err(cli_error)?;
+    let count = file.pipelines.len();
+    info!(config = %path.display(), pipelines = count, "serving");
+    let host = coordination::host_identity();
+    let supervisor = Supervisor::new(Arc::new(shared), file.pipelines, RestartPolicy::default())
+        .coordinated(&host);
+    let outcomes = supervisor.run(shutdown).await;
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|outcome| match &outcome.result {
+            Ok(_) => None,
+            Err(error) => Some(format!(
+                "pipeline {}: {}",
+                outcome.name,
+                pgstream_host::error_chain::one_line(error)
+            )),
+        })
+        .collect();
+    // Non-zero only when nothing is left running because of errors nobody fixed: a stop
+    // request ends every pipeline cleanly.
+    if !failed.is_empty() && failed.len() == outcomes.len() {
+        bail!("every pipeline stopped:\n{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+/// `status`: one line per pipeline, from what its source database knows: the slot's position
+/// and lag, and the status the host running it last published.
+async fn status(path: &Path) -> Result<()> {
+    let file = ConfigFile::load(path)?;
+    println!(
+        "{:<20} {:<10} {:<24} {:>14} {:>14}  last error",
+        "pipeline", "state", "host", "confirmed", "lag bytes"
+    );
+    let mut unreachable = 0;
+    for spec in &file.pipelines {
+        let source =
+            assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
+        let observed = match coordination::observe(&source, &spec.name, spec.slot_name()).await {
+            Ok(observed) => observed,
+            Err(error) => {
+                unreachable += 1;
+                println!(
+                    "{:<20} {:<10} {:<24} {:>14} {:>14}  cannot reach {}: {}",
+                    spec.name,
+                    "unknown",
+                    "-",
+                    "-",
+                    "-",
+                    source.display(),
+                    pgstream_host::error_chain::one_line(&error)
+                );
+                continue;
+            }
+        };
+        // A published status older than a few publishing rounds is from a host that is gone.
+        let fresh = observed
+            .published
+            .as_ref()
+            .filter(|published| published.age_secs <= 15);
+        let state = match (&observed, fresh) {
+            (
+                ObservedStatus {
+                    slot_exists: false, ..
                 },
-                batch: BatchOptions {
-                    max_events: args.batch_size,
-                    max_wait: Duration::from_millis(args.batch_wait_ms),
+                _,
+            ) => "no slot".to_owned(),
+            (
+                ObservedStatus {
+                    wal_status: Some(wal),
+                    ..
                 },
-                retry: RetryPolicy {
-                    max_attempts: args.max_attempts.max(1),
-                    initial_backoff: Duration::from_millis(args.retry_backoff_ms),
-                    outage_limit: Duration::from_secs(args.outage_limit_secs),
-                    ..RetryPolicy::default()
+                _,
+            ) if wal == "lost" => "slot lost".to_owned(),
+            (_, Some(published)) => published
+                .state
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            (
+                ObservedStatus {
+                    slot_active: true, ..
                 },
-                stop_at: args.stop_at_lsn,
-                stream: StreamOptions::default(),
-                progress_interval: Duration::from_secs(args.progress_secs.max(1)),
-            };
-            // Compiling a plugin that is not in the cache takes seconds of CPU: keep it off the
-            // (single) async thread.
-            let pipeline_embedder = embedder.clone();
-            let pipeline = tokio::task::spawn_blocking(move || {
-                Pipeline::new(config, &engine, pipeline_embedder, sink)
-            })
-            .await
-            .context("loading the plugin panicked")??;
-            let result = pipeline.run(shutdown).await;
-            if let Some(cache) = embedder.cache_stats() {
-                info!(
-                    hits = cache.hits,
-                    misses = cache.misses,
-                    hit_rate = format_args!("{:.3}", cache.hit_rate()),
-                    texts_embedded = cache.texts_embedded,
-                    model_requests = cache.model_requests,
-                    evictions = cache.evictions,
-                    "embedding cache"
+                None,
+            ) => "streaming".to_owned(),
+            (_, None) => "stopped".to_owned(),
+        };
+        let host = fresh.map_or("-", |published| published.host.as_str());
+        let last_error = observed
+            .published
+            .as_ref()
+            .and_then(|published| published.last_error.as_deref())
+            .unwrap_or("-");
+        println!(
+            "{:<20} {:<10} {:<24} {:>14} {:>14}  {}",
+            spec.name,
+            state,
+            host,
+            observed
+                .confirmed
+                .map_or("-".to_owned(), |lsn| lsn.to_string()),
+            observed
+                .lag_bytes
+                .map_or("-".to_owned(), |lag| lag.to_string()),
+            last_error
+        );
+    }
+    if unreachable > 0 {
+        bail!("{unreachable} pipelines' sources could not be reached");
+    }
+    Ok(())
+}
+
+/// The one pipeline the flags describe.
+fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
+    let dsn = args
+        .dsn
+        .clone()
+        .context("no source database: pass --dsn or set PGSTREAM_DSN")?;
+    let tables = args
+        .tables
+        .iter()
+        .map(|table| table.parse::<TableName>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--table")?;
+    let mut spec = PipelineSpec::new(
+        &args.name,
+        Secret::new(dsn),
+        tables,
+        // Only `run` needs a plugin (it checks); the other commands leave it empty.
+        args.plugin.clone().unwrap_or_default(),
+    );
+    spec.slot = args.slot.clone();
+    spec.publication = args.publication.clone();
+    spec.collection = args.collection.clone();
+    spec.embedder = match args.embedder {
+        EmbedderKind::Minilm => {
+            if let Some(dimensions) = args.dimensions.filter(|&size| size != 384) {
+                bail!(
+                    "--dimensions {dimensions} does not fit --embedder minilm, whose vectors \
+                     have 384 floats; leave --dimensions out"
                 );
             }
-            let summary = result?;
-            info!(
-                events = summary.events,
-                batches = summary.batches,
-                confirmed = %summary.confirmed,
-                reconnects = summary.reconnects,
-                "stopped"
-            );
-            Ok(())
+            EmbedderSpec::Minilm {
+                model_dir: args.model_dir.clone(),
+                threads: Some(args.embed_threads),
+            }
         }
+        EmbedderKind::Openai => EmbedderSpec::Openai {
+            base_url: args.openai_base_url.clone(),
+            model: args.openai_model.clone(),
+            // Read like the embedder reads it: the first non-empty of the two variables.
+            api_key: [API_KEY_ENV, FALLBACK_API_KEY_ENV]
+                .into_iter()
+                .find_map(|name| {
+                    std::env::var(name)
+                        .ok()
+                        .filter(|key| !key.trim().is_empty())
+                        .map(Secret::new)
+                }),
+            dimensions: args.dimensions,
+            max_inputs: args.openai_max_inputs,
+            max_tokens: args.openai_max_tokens,
+            concurrency: args.openai_concurrency,
+            timeout_ms: args.openai_timeout_ms,
+        },
+        EmbedderKind::None => EmbedderSpec::None {
+            dimensions: args.dimensions.unwrap_or(384),
+        },
+    };
+    spec.sink = match args.sink {
+        SinkKind::Pgvector => SinkSpec::Pgvector {
+            dsn: args.sink_dsn.clone().map(Secret::new),
+            pool_size: 4,
+        },
+        SinkKind::Jsonl => SinkSpec::Jsonl,
+        SinkKind::Qdrant => SinkSpec::Qdrant {
+            url: args.qdrant_url.clone(),
+            api_key: std::env::var(QDRANT_API_KEY_VAR).ok().map(Secret::new),
+            timeout_ms: args.qdrant_timeout_ms,
+            max_attempts: args.qdrant_max_attempts,
+            create_collection: args.create_collection,
+        },
+    };
+    spec.embed_cache = args.embed_cache.clone().map(|path| EmbedCacheSpec {
+        path,
+        max_mb: args.embed_cache_max_mb,
+    });
+    spec.batch_size = args.batch_size;
+    spec.batch_wait_ms = args.batch_wait_ms;
+    spec.call_timeout_ms = args.call_timeout_ms;
+    spec.memory_limit_mb = args.memory_limit_mb;
+    spec.max_attempts = args.max_attempts;
+    spec.retry_backoff_ms = args.retry_backoff_ms;
+    spec.outage_limit_secs = args.outage_limit_secs;
+    spec.stop_at_lsn = args.stop_at_lsn;
+    spec.progress_secs = args.progress_secs;
+    Ok(spec)
+}
+
+fn process_settings(args: &Args) -> ProcessSettings {
+    ProcessSettings {
+        plugin_cache_dir: args.cache_dir.clone(),
+    }
+}
+
+/// The source and tables of the maintenance commands, which need at least one table.
+fn source_and_tables(spec: &PipelineSpec) -> Result<(SourceConfig, Vec<TableName>)> {
+    if spec.tables.is_empty() {
+        bail!("no table to watch: pass --table schema.table or set PGSTREAM_TABLES");
+    }
+    let source = assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
+    Ok((source, spec.tables.clone()))
+}
+
+/// The command-line flag of a spec setting, for errors.
+fn flag_of(setting: &str) -> String {
+    let flag = match setting {
+        "source.dsn" => "dsn (PGSTREAM_DSN)",
+        "sink.dsn" => "sink-dsn (PGSTREAM_SINK_DSN)",
+        "tables" => "table",
+        "embedder.model_dir" => "model-dir",
+        "embedder.threads" => "embed-threads",
+        "embedder.dimensions" => "dimensions",
+        "embed_cache.max_mb" => "embed-cache-max-mb",
+        "sink.pool_size" => "sink-dsn",
+        "sink.timeout_ms" => "qdrant-timeout-ms",
+        "sink.max_attempts" => "qdrant-max-attempts",
+        other => {
+            let other = other
+                .strip_prefix("embedder.")
+                .map(|rest| format!("openai-{rest}"))
+                .unwrap_or_else(|| other.strip_prefix("sink.").unwrap_or(other).to_owned());
+            return format!("--{}", other.replace('_', "-"));
+        }
+    };
+    format!("--{flag}")
+}
+
+/// An assembly error as the command line says it: the flag instead of the setting.
+fn cli_error(error: AssemblyError) -> anyhow::Error {
+    match error {
+        AssemblyError::Spec(problem) => {
+            anyhow::anyhow!("{}: {}", flag_of(problem.setting), problem.problem)
+        }
+        AssemblyError::Database { setting, source } if source.is_invalid_dsn() => {
+            anyhow::Error::new(source).context(format!(
+                "{} is not a usable connection string; expected \
+                 postgresql://user:password@host:port/dbname or key=value pairs",
+                flag_of(setting)
+            ))
+        }
+        other => anyhow::Error::new(other),
+    }
+}
+
+fn failure_error(failure: PipelineFailure) -> anyhow::Error {
+    match failure {
+        PipelineFailure::Assembly(error) => cli_error(error),
+        other => anyhow::Error::new(other),
     }
 }
 
@@ -617,117 +850,6 @@ fn new_project(language: Language, name: &str) -> Result<()> {
         "  pgstream-host --dsn postgresql://user:pass@localhost/db --table docs --plugin {name}.wasm"
     );
     Ok(())
-}
-
-fn require_tables(tables: &[TableName]) -> Result<()> {
-    if tables.is_empty() {
-        bail!("no table to watch: pass --table schema.table or set PGSTREAM_TABLES");
-    }
-    Ok(())
-}
-
-async fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
-    match args.embedder {
-        EmbedderKind::Minilm => {
-            if let Some(dimensions) = args.dimensions.filter(|&size| size != 384) {
-                bail!(
-                    "--dimensions {dimensions} does not fit --embedder minilm, whose vectors \
-                     have 384 floats; leave --dimensions out"
-                );
-            }
-            let dir = args.model_dir.clone().or_else(default_model_dir).context(
-                "no embedding model found: pass --model-dir (a folder with config.json, \
-                 tokenizer.json and model.safetensors) or run `make setup`",
-            )?;
-            let options = MiniLmOptions {
-                threads: args.embed_threads.max(1),
-                ..MiniLmOptions::default()
-            };
-            // Reading 90 MB of weights takes a moment: off the (single) async thread, so the
-            // signal listener keeps running meanwhile.
-            let embedder = tokio::task::spawn_blocking(move || MiniLmEmbedder::load(&dir, options))
-                .await
-                .context("loading the embedding model panicked")??;
-            Ok(Arc::new(embedder))
-        }
-        EmbedderKind::Openai => {
-            let config = OpenAiConfig {
-                api_key: ApiKey::from_env(),
-                dimensions: args.dimensions,
-                request_timeout: Duration::from_millis(args.openai_timeout_ms),
-                max_inputs_per_request: args.openai_max_inputs,
-                max_tokens_per_request: args.openai_max_tokens,
-                max_concurrent_requests: args.openai_concurrency,
-                ..OpenAiConfig::new(&args.openai_base_url, &args.openai_model)
-            };
-            Ok(Arc::new(OpenAiEmbedder::connect(config).await?))
-        }
-        EmbedderKind::None => Ok(Arc::new(pgstream_host::embed::NoEmbedder::new(
-            args.dimensions.unwrap_or(384),
-        ))),
-    }
-}
-
-fn build_sink(args: &Args, source_dsn: &str, first_table: &TableName) -> Result<Arc<dyn Sink>> {
-    match args.sink {
-        SinkKind::Pgvector => {
-            let dsn = args.sink_dsn.as_deref().unwrap_or(source_dsn);
-            let sink_source = SourceConfig::from_dsn(dsn)?;
-            let collection = collection_table(args, first_table)?;
-            let pool = sink_source.pool(4, Duration::from_secs(60))?;
-            Ok(Arc::new(PgVectorSink::new(
-                pool,
-                &collection.schema,
-                &collection.name,
-            )))
-        }
-        SinkKind::Jsonl => {
-            let path = args
-                .collection
-                .clone()
-                .unwrap_or_else(|| format!("{}_embeddings.jsonl", first_table.name));
-            Ok(Arc::new(JsonLinesSink::open(
-                PathBuf::from(path).as_path(),
-            )?))
-        }
-        SinkKind::Qdrant => Ok(Arc::new(qdrant_sink(args, first_table)?)),
-    }
-}
-
-/// The Qdrant collection: `--collection`, or `<first watched table>_embeddings`.
-fn qdrant_collection(args: &Args, first_table: &TableName) -> String {
-    args.collection
-        .clone()
-        .unwrap_or_else(|| format!("{}_embeddings", first_table.name))
-}
-
-fn qdrant_sink(args: &Args, first_table: &TableName) -> Result<QdrantSink> {
-    let mut options = QdrantOptions::new(&args.qdrant_url, &qdrant_collection(args, first_table));
-    options.api_key = std::env::var(QDRANT_API_KEY_VAR)
-        .ok()
-        .filter(|key| !key.is_empty());
-    options.timeout = Duration::from_millis(args.qdrant_timeout_ms.max(1));
-    options.max_attempts = args.qdrant_max_attempts.max(1);
-    options.create_collection = args.create_collection;
-    Ok(QdrantSink::new(options)?)
-}
-
-/// The pgvector table: `--collection`, or `<first watched table>_embeddings` in its schema.
-fn collection_table(args: &Args, first_table: &TableName) -> Result<TableName> {
-    Ok(match &args.collection {
-        Some(name) => name.parse::<TableName>()?,
-        None => TableName {
-            schema: first_table.schema.clone(),
-            name: format!("{}_embeddings", first_table.name),
-        },
-    })
-}
-
-fn default_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-    Some(base.join("pgstream-host"))
 }
 
 /// Starts listening for SIGINT and SIGTERM and returns a future that resolves on the first

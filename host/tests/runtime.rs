@@ -12,7 +12,8 @@ use pgstream_host::event::{ChangeEvent, Column, Operation, Relation, Value};
 use pgstream_host::lsn::Lsn;
 use pgstream_host::point::{Point, PointKey};
 use pgstream_host::runtime::{
-    EngineOptions, HandleError, HandlerInstance, HostImports, Limits, PluginEngine, RuntimeError,
+    EngineOptions, HandleError, HandlerInstance, HostImports, ImportError, Limits, PluginEngine,
+    RuntimeError,
 };
 use serde_json::{Value as Json, json};
 
@@ -67,7 +68,7 @@ impl Recorder {
 
 #[async_trait]
 impl HostImports for Recorder {
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError> {
         tokio::time::sleep(self.embed_delay).await;
         let vectors = texts
             .iter()
@@ -77,17 +78,17 @@ impl HostImports for Recorder {
         Ok(vectors)
     }
 
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), String> {
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError> {
         self.calls.lock().unwrap().push(Call::Upsert(points));
         Ok(())
     }
 
-    async fn delete(&self, keys: Vec<PointKey>) -> Result<(), String> {
+    async fn delete(&self, keys: Vec<PointKey>) -> Result<(), ImportError> {
         self.calls.lock().unwrap().push(Call::Delete(keys));
         Ok(())
     }
 
-    async fn delete_table(&self, schema: String, table: String) -> Result<(), String> {
+    async fn delete_table(&self, schema: String, table: String) -> Result<(), ImportError> {
         self.calls
             .lock()
             .unwrap()

@@ -26,7 +26,7 @@ use pgstream_e2e::drain::{
 };
 use pgstream_e2e::{PgServer, PgVersion, TestDb, plugin_path};
 use pgstream_host::point::{Point, PointKey};
-use pgstream_host::runtime::{EngineOptions, HostImports, Limits, PluginEngine};
+use pgstream_host::runtime::{EngineOptions, HostImports, ImportError, Limits, PluginEngine};
 
 /// The publication every slot streams.
 const PUBLICATION: &str = "bench_pub";
@@ -48,17 +48,17 @@ struct Unreachable;
 
 #[async_trait]
 impl HostImports for Unreachable {
-    async fn embed(&self, _: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
-        Err("the benchmark gives no embedder".into())
+    async fn embed(&self, _: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError> {
+        Err(ImportError::refused("the benchmark gives no embedder"))
     }
-    async fn upsert(&self, _: Vec<Point>) -> Result<(), String> {
-        Err("the benchmark gives no sink".into())
+    async fn upsert(&self, _: Vec<Point>) -> Result<(), ImportError> {
+        Err(ImportError::refused("the benchmark gives no sink"))
     }
-    async fn delete(&self, _: Vec<PointKey>) -> Result<(), String> {
-        Err("the benchmark gives no sink".into())
+    async fn delete(&self, _: Vec<PointKey>) -> Result<(), ImportError> {
+        Err(ImportError::refused("the benchmark gives no sink"))
     }
-    async fn delete_table(&self, _: String, _: String) -> Result<(), String> {
-        Err("the benchmark gives no sink".into())
+    async fn delete_table(&self, _: String, _: String) -> Result<(), ImportError> {
+        Err(ImportError::refused("the benchmark gives no sink"))
     }
 }
 

@@ -1,20 +1,21 @@
-//! A pipeline: one replication slot, one handler plugin, one embedder and one sink, wired
+//! A pipeline: one change source, one handler plugin, one embedder and one sink, wired
 //! together and run as a task.
 //!
-//! A pipeline is a value built from its [`PipelineConfig`] and the shared parts a process owns
-//! (the [`PluginEngine`](crate::runtime::PluginEngine), an embedder, a sink); it keeps no global
-//! state, so one process can run many of them side by side.
+//! A pipeline is a value built from its [`PipelineConfig`] and its parts (a loaded
+//! [`Plugin`], an embedder, a sink, a [`ChangeSource`]); it keeps no global state, so one
+//! process can run many of them side by side. [`crate::assembly`] builds one from a
+//! [`PipelineSpec`](crate::config::PipelineSpec), [`crate::supervisor`] runs many.
 //!
-//! The loop: replication chunks -> [`pgoutput`](crate::pgoutput) messages -> [`BatchBuilder`]
-//! turns them into [`ChangeEvent`]s and tracks which commits a batch completes -> the handler
-//! is called with the batch (retried on a fresh instance if it fails) -> the LSN of the last
-//! completed commit is confirmed to Postgres. Nothing is confirmed before the handler call that
-//! covered it returned `ok`, so a crash replays and never skips.
+//! The loop: source items -> [`BatchBuilder`] groups the changes into batches and tracks which
+//! commits a batch completes -> the handler is called with the batch (retried on a fresh
+//! instance if it fails) -> the position of the last completed commit is confirmed to the
+//! source. Nothing is confirmed before the handler call that covered it returned `ok`, so a
+//! crash replays and never skips.
 
 mod batch;
 mod imports;
+mod status;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -22,19 +23,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::sleep;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::embed::Embedder;
 use crate::event::ChangeEvent;
 use crate::lsn::Lsn;
-use crate::replication::{
-    self, ReplicationError, ReplicationStream, SourceConfig, StreamOptions, TableName, WalMessage,
-};
-use crate::runtime::{HandleError, HandlerInstance, Limits, Plugin, PluginEngine, RuntimeError};
+use crate::runtime::{HandleError, HandlerInstance, ImportErrorKind, Limits, Plugin, RuntimeError};
 use crate::sink::{Sink, SinkError};
+use crate::source::{ChangeSource, SourceError, SourceItem};
 
-pub use batch::{BatchBuilder, BatchError, Step};
-pub use imports::{FailedImport, ImportFailure, PipelineImports};
+pub use batch::{BatchBuilder, Step};
+pub use imports::PipelineImports;
+pub use status::{PipelineState, PipelineStatus, StatusHandle};
 
 /// How events are grouped into handler calls.
 #[derive(Debug, Clone, Copy)]
@@ -54,24 +54,27 @@ impl Default for BatchOptions {
     }
 }
 
-/// How a failed handler call is retried.
+/// How a failed handler call, or a lost source, is retried.
 ///
-/// Why it failed decides how: when the embedder or the sink refused a request (a permanent
-/// [`ImportFailure`]) the pipeline stops at once, since the same call fails the same way; when
-/// one of them was unavailable (transient) the call is retried for up to `outage_limit` without
-/// counting against `max_attempts`, so a restarting vector store or model server is ridden
-/// out; any other failure (a trap, a time or memory limit, the handler's own error) gets
-/// `max_attempts` tries.
+/// Why it failed decides how: when the embedder or the sink refused a request
+/// ([`ImportErrorKind::Refused`]) the pipeline stops at once, since the same call fails the
+/// same way; when one of them was unavailable, or the source cannot be reached, the pipeline
+/// retries for up to `outage_limit` without counting against `max_attempts`, so a restarting
+/// vector store, model server or database is ridden out; any other failure (a trap, a time or
+/// memory limit, the handler's own error) gets `max_attempts` tries.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// Tries per batch, the first included. After the last one the pipeline stops.
     pub max_attempts: u32,
     /// Wait before the second try; doubled after each failure, with jitter.
     pub initial_backoff: Duration,
-    /// Upper bound on the wait.
+    /// Upper bound on the wait after a failed handler call.
     pub max_backoff: Duration,
-    /// How long a batch is retried while the embedder or the sink is unavailable.
+    /// How long a batch (or a reconnect) is retried while a dependency is unavailable.
     pub outage_limit: Duration,
+    /// Upper bound on the wait between tries during an outage: small, so the pipeline
+    /// resumes within seconds of the dependency coming back.
+    pub outage_max_wait: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -81,6 +84,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             outage_limit: Duration::from_secs(600),
+            outage_max_wait: Duration::from_secs(3),
         }
     }
 }
@@ -89,33 +93,28 @@ impl RetryPolicy {
     fn backoff(&self, failed_attempts: u32) -> Duration {
         crate::backoff::jittered(failed_attempts, self.initial_backoff, self.max_backoff)
     }
+
+    fn outage_backoff(&self, failed_tries: u32) -> Duration {
+        let cap = self.outage_max_wait.min(self.max_backoff);
+        crate::backoff::jittered(failed_tries, self.initial_backoff.min(cap), cap)
+    }
 }
 
-/// Everything that defines one pipeline.
+/// How one pipeline runs, apart from its parts.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Pipeline name, used in logs and to name the slot and publication by default.
+    /// Pipeline name, used in logs.
     pub name: String,
-    /// The source database.
-    pub source: SourceConfig,
-    /// The watched tables.
-    pub tables: Vec<TableName>,
-    /// Replication slot name.
-    pub slot: String,
-    /// Publication name.
-    pub publication: String,
-    /// The handler component.
+    /// The handler component's file, for errors and the plugin's log name.
     pub plugin: PathBuf,
     /// Limits on each handler call.
     pub limits: Limits,
     /// Batching.
     pub batch: BatchOptions,
-    /// Retries of failed handler calls.
+    /// Retries of failed handler calls and lost sources.
     pub retry: RetryPolicy,
-    /// Stop once every commit up to this WAL position is handled and confirmed.
+    /// Stop once every commit up to this position is handled and confirmed.
     pub stop_at: Option<Lsn>,
-    /// Replication stream settings.
-    pub stream: StreamOptions,
     /// How often a progress line is logged.
     pub progress_interval: Duration,
 }
@@ -123,12 +122,10 @@ pub struct PipelineConfig {
 /// Why a pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    /// Talking to the source database failed in a way retrying will not fix.
+    /// The source failed in a way retrying will not fix, or stayed unreachable for longer
+    /// than the outage limit.
     #[error(transparent)]
-    Replication(Box<ReplicationError>),
-    /// The source failed a preflight check.
-    #[error(transparent)]
-    Preflight(#[from] replication::PreflightError),
+    Source(#[from] SourceError),
     /// The plugin could not be loaded or instantiated.
     #[error("plugin {}", path.display())]
     Plugin {
@@ -141,11 +138,8 @@ pub enum PipelineError {
     /// The sink could not be prepared.
     #[error("cannot prepare the sink")]
     Sink(#[from] SinkError),
-    /// The WAL stream held something the pipeline cannot turn into events.
-    #[error(transparent)]
-    Batch(#[from] BatchError),
     /// The handler failed on a batch every time it was tried; nothing from that batch on was
-    /// confirmed to Postgres, so fixing the handler and restarting resumes there.
+    /// confirmed, so fixing the handler and restarting resumes there.
     #[error(
         "the handler failed {attempts} times on the batch of {events} events with commit LSNs \
          {first_lsn}..{last_lsn}; nothing at or after {first_lsn} was confirmed; last error"
@@ -159,16 +153,25 @@ pub enum PipelineError {
         first_lsn: Lsn,
         /// Commit LSN of the batch's last event.
         last_lsn: Lsn,
+        /// Whether the last failure was an outage of the embedder or the sink that outlasted
+        /// the outage limit (rather than a refusal or the handler's own failure).
+        outage: bool,
         /// The last failure.
         #[source]
         error: HandleError,
     },
 }
 
-// Boxed: a replication error is large and every pipeline result would carry its size.
-impl From<ReplicationError> for PipelineError {
-    fn from(error: ReplicationError) -> Self {
-        PipelineError::Replication(Box::new(error))
+impl PipelineError {
+    /// Whether starting the pipeline again later may succeed without anyone changing
+    /// anything: a dependency that was down for too long, or a source that was lost.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PipelineError::Source(error) => error.is_retryable(),
+            PipelineError::Sink(error) => error.is_retryable(),
+            PipelineError::HandlerFailed { outage, .. } => *outage,
+            PipelineError::Plugin { .. } => false,
+        }
     }
 }
 
@@ -179,9 +182,9 @@ pub struct RunSummary {
     pub events: u64,
     /// Successful handler calls.
     pub batches: u64,
-    /// Last WAL position confirmed to Postgres.
+    /// Last position confirmed to the source.
     pub confirmed: Lsn,
-    /// Times the replication connection was re-established.
+    /// Times the source was started again after it was lost.
     pub reconnects: u64,
 }
 
@@ -191,77 +194,109 @@ pub struct Pipeline {
     plugin: Plugin,
     imports: Arc<PipelineImports>,
     sink: Arc<dyn Sink>,
+    source: Box<dyn ChangeSource>,
     dimensions: usize,
     /// Kept for the progress log (its cache hit rate); calls go through `imports`.
     embedder: Arc<dyn Embedder>,
+    status: StatusHandle,
 }
 
 impl Pipeline {
-    /// Loads the plugin (compiling it or taking it from the engine's cache) and wires the
-    /// embedder and sink. Nothing touches the database until [`Pipeline::run`].
+    /// Wires a loaded plugin, an embedder, a sink and a source. Nothing is touched until
+    /// [`Pipeline::run`].
     pub fn new(
         config: PipelineConfig,
-        engine: &PluginEngine,
+        plugin: Plugin,
         embedder: Arc<dyn Embedder>,
         sink: Arc<dyn Sink>,
-    ) -> Result<Pipeline, PipelineError> {
-        let plugin = engine
-            .load(&config.plugin)
-            .map_err(|source| PipelineError::Plugin {
-                path: config.plugin.clone(),
-                source,
-            })?;
+        source: Box<dyn ChangeSource>,
+    ) -> Pipeline {
         let dimensions = embedder.dimensions();
         let imports = Arc::new(PipelineImports::new(embedder.clone(), sink.clone()));
-        Ok(Pipeline {
+        let status = StatusHandle::new(&config.name);
+        Pipeline {
             config,
             plugin,
             imports,
             sink,
+            source,
             dimensions,
             embedder,
-        })
+            status,
+        }
+    }
+
+    /// Reports into `status` instead of a handle of its own (a supervisor keeps one per
+    /// pipeline across restarts).
+    pub fn with_status(mut self, status: StatusHandle) -> Pipeline {
+        self.status = status;
+        self
+    }
+
+    /// The handle on this pipeline's status.
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
     }
 
     /// Runs until `shutdown` resolves, `stop_at` is reached, or an error that retrying cannot
-    /// fix. On shutdown the batch in flight is finished and confirmed before returning.
+    /// fix. On shutdown the batch in flight is finished and confirmed before returning. Logs
+    /// what it did as it stops (and the embedding cache's figures when there is one).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<RunSummary, PipelineError> {
-        let config = &self.config;
+        let name = self.config.name.clone();
+        let embedder = self.embedder.clone();
+        let result = self.run_to_end(shutdown).await;
+        if let Some(cache) = embedder.cache_stats() {
+            info!(
+                pipeline = %name,
+                hits = cache.hits,
+                misses = cache.misses,
+                hit_rate = format_args!("{:.3}", cache.hit_rate()),
+                texts_embedded = cache.texts_embedded,
+                model_requests = cache.model_requests,
+                evictions = cache.evictions,
+                "embedding cache"
+            );
+        }
+        if let Ok(summary) = &result {
+            info!(
+                pipeline = %name,
+                events = summary.events,
+                batches = summary.batches,
+                confirmed = %summary.confirmed,
+                reconnects = summary.reconnects,
+                "stopped"
+            );
+        }
+        result
+    }
+
+    async fn run_to_end(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<RunSummary, PipelineError> {
         let mut shutdown = std::pin::pin!(shutdown);
+        self.status.set_state(PipelineState::Starting);
         // A stop asked for while the process was starting (model, plugin): set nothing up, so
         // an aborted start leaves no slot holding WAL behind.
         if stop_requested(&mut shutdown) {
-            info!(pipeline = %config.name, "stop requested before the pipeline started; nothing was set up");
+            info!(pipeline = %self.config.name, "stop requested before the pipeline started; nothing was set up");
             return Ok(RunSummary::default());
         }
-        let client = config.source.connect_sql().await?;
-        replication::preflight(&client, &config.tables).await?;
-        let report =
-            replication::setup(&client, &config.slot, &config.publication, &config.tables).await?;
-        if report.slot_created {
-            info!(pipeline = %config.name, slot = %config.slot, "created replication slot");
-        }
-        for table in &report.tables_with_rows {
-            warn!(
-                pipeline = %config.name,
-                "table {table} already has rows; rows that existed before the slot was created \
-                 are not delivered (backfill is not supported yet), only changes from now on"
-            );
-        }
-        let primary_keys = primary_keys(&client, &config.tables).await?;
-        let mut start = replication::slot_confirmed_flush_lsn(&client, &config.slot)
-            .await?
-            .unwrap_or(Lsn::ZERO);
-        drop(client);
+        // Instantiated before anything else, so a plugin that cannot start (a missing import,
+        // start code that traps, a memory limit too small for it) fails now, not when the
+        // first change arrives, possibly hours later, and before a slot is made for it.
+        let mut handler = Some(self.instantiate().await?);
+        let start = self.source.prepare().await?;
         self.sink.prepare(self.dimensions).await?;
-
         let mut summary = RunSummary {
             confirmed: start,
             ..RunSummary::default()
         };
+        self.status.set_confirmed(start);
+        let config = self.config.clone();
         if stop_requested(&mut shutdown) {
             info!(pipeline = %config.name, confirmed = %start, "stop requested while starting; shutting down");
             return Ok(summary);
@@ -270,89 +305,96 @@ impl Pipeline {
             info!(pipeline = %config.name, confirmed = %start, "already at --stop-at-lsn");
             return Ok(summary);
         }
-        let mut handler: Option<HandlerInstance> = None;
-        let mut connect_failures = 0u32;
+        let mut outage: Option<Outage> = None;
         loop {
-            let stream = match ReplicationStream::start(
-                &config.source,
-                &config.slot,
-                &config.publication,
-                start,
-                config.stream.clone(),
-            )
-            .await
-            {
-                Ok(stream) => stream,
-                Err(error) if error.is_retryable() && connect_failures < 10 => {
-                    connect_failures += 1;
-                    let wait = config.retry.backoff(connect_failures);
-                    warn!(pipeline = %config.name, %error, ?wait, "cannot start replication, retrying");
-                    tokio::select! {
-                        _ = &mut shutdown => return Ok(summary),
-                        _ = sleep(wait) => continue,
-                    }
+            let from = summary.confirmed;
+            let started = self.source.start(from).await;
+            if let Err(error) = started {
+                if !error.is_retryable() {
+                    return Err(error.into());
                 }
-                Err(error) => return Err(error.into()),
-            };
-            connect_failures = 0;
-            info!(pipeline = %config.name, slot = %config.slot, from = %start, "streaming");
-            match self
-                .stream(
-                    stream,
-                    BatchBuilder::new(config.batch.max_events, primary_keys.clone()),
+                let outage = outage.get_or_insert_with(Outage::begin);
+                if outage.started.elapsed() >= config.retry.outage_limit {
+                    return Err(error.into());
+                }
+                outage.tries += 1;
+                let wait = config.retry.outage_backoff(outage.tries);
+                let reason = format!("cannot start {}: {error}", self.source.describe());
+                self.status.set_state(PipelineState::Retrying {
+                    reason: reason.clone(),
+                });
+                warn!(pipeline = %config.name, %error, ?wait, "cannot start the source, retrying");
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        self.status.set_state(PipelineState::Stopped);
+                        return Ok(summary);
+                    }
+                    _ = sleep(wait) => continue,
+                }
+            }
+            outage = None;
+            self.status.set_state(PipelineState::Streaming);
+            info!(pipeline = %config.name, source = %self.source.describe(), from = %from, "streaming");
+            let end = self
+                .drive(
+                    BatchBuilder::new(config.batch.max_events),
                     &mut handler,
                     &mut summary,
                     &mut shutdown,
                 )
-                .await?
-            {
-                StreamEnd::Finished => return Ok(summary),
-                StreamEnd::Lost(error) => {
+                .await;
+            match end {
+                Ok(StreamEnd::Finished) => {
+                    self.source.stop().await;
+                    self.status.set_state(PipelineState::Stopped);
+                    return Ok(summary);
+                }
+                Ok(StreamEnd::Lost(error)) => {
                     summary.reconnects += 1;
-                    start = summary.confirmed;
                     warn!(
-                        pipeline = %config.name, %error, resume_from = %start,
-                        "replication connection lost; reconnecting and replaying unconfirmed changes"
+                        pipeline = %config.name, %error, resume_from = %summary.confirmed,
+                        "source lost; reconnecting and replaying unconfirmed changes"
                     );
-                    let wait = config.retry.backoff(1);
+                    self.status.set_state(PipelineState::Retrying {
+                        reason: format!("source lost: {error}"),
+                    });
+                    let wait = config.retry.outage_backoff(1);
                     tokio::select! {
-                        _ = &mut shutdown => return Ok(summary),
+                        _ = &mut shutdown => {
+                            self.status.set_state(PipelineState::Stopped);
+                            return Ok(summary);
+                        }
                         _ = sleep(wait) => {}
                     }
+                }
+                Err(error) => {
+                    self.source.stop().await;
+                    return Err(error);
                 }
             }
         }
     }
 
-    /// Drives one replication session. Returns `Lost` when the connection failed in a way a
-    /// reconnect can fix; the caller then replays from the last confirmed position. A session
-    /// that `Finished` is ended politely, so the server sees the last confirmation.
-    async fn stream(
-        &self,
-        mut stream: ReplicationStream,
-        builder: BatchBuilder,
-        handler: &mut Option<HandlerInstance>,
-        summary: &mut RunSummary,
-        shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>,
-    ) -> Result<StreamEnd, PipelineError> {
-        let end = self
-            .drive(&mut stream, builder, handler, summary, shutdown)
-            .await;
-        if let Ok(StreamEnd::Finished) = end {
-            stream.shutdown().await.ok();
-        }
-        end
+    async fn instantiate(&self) -> Result<HandlerInstance, PipelineError> {
+        self.plugin
+            .instantiate(self.imports.clone(), self.config.limits, &self.log_target())
+            .await
+            .map_err(|source| PipelineError::Plugin {
+                path: self.config.plugin.clone(),
+                source,
+            })
     }
 
+    /// Drives one session of the source. Returns `Lost` when the source failed in a way a
+    /// restart can fix; the caller then replays from the last confirmed position.
     async fn drive(
-        &self,
-        stream: &mut ReplicationStream,
+        &mut self,
         mut builder: BatchBuilder,
         handler: &mut Option<HandlerInstance>,
         summary: &mut RunSummary,
         shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>,
     ) -> Result<StreamEnd, PipelineError> {
-        let config = &self.config;
+        let config = self.config.clone();
         // Whether `batch_deadline` is armed: a batch holds events and waits for more.
         let mut batch_open = false;
         // One timer, re-armed once per batch. A fresh `sleep` per received chunk would register
@@ -361,18 +403,19 @@ impl Pipeline {
         let batch_deadline = sleep(config.batch.max_wait);
         tokio::pin!(batch_deadline);
         let mut progress = Progress::new(config.progress_interval);
+        let mut items: Vec<SourceItem> = Vec::new();
         loop {
-            let chunk = tokio::select! {
+            let received = tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => {
                     // Handled or given up on, what is confirmed is what `summary` says.
-                    self.flush(&mut builder, handler, stream, summary, None).await?;
+                    self.flush(&mut builder, handler, summary, &mut progress, None).await?;
                     info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
                     return Ok(StreamEnd::Finished);
                 }
                 _ = &mut batch_deadline, if batch_open => {
                     let flushed = self
-                        .flush(&mut builder, handler, stream, summary, Some(shutdown.as_mut()))
+                        .flush(&mut builder, handler, summary, &mut progress, Some(shutdown.as_mut()))
                         .await?;
                     if flushed == Flushed::Abandoned {
                         return Ok(StreamEnd::Finished);
@@ -380,30 +423,24 @@ impl Pipeline {
                     batch_open = false;
                     continue;
                 }
-                chunk = stream.recv() => chunk,
+                received = self.source.recv(&mut items) => received,
             };
-            let messages = match chunk {
-                Some(Ok(messages)) => messages,
-                Some(Err(error)) if error.is_retryable() => return Ok(StreamEnd::Lost(error)),
-                Some(Err(error)) => return Err(error.into()),
-                None => {
-                    return Ok(StreamEnd::Lost(ReplicationError::Closed {
-                        target: config.source.display(),
-                    }));
-                }
-            };
-            for message in messages {
-                let step = match message {
-                    WalMessage::XLogData { data, .. } => builder.push(data)?,
-                    WalMessage::KeepAlive { wal_end } => builder.keepalive(wal_end),
-                };
-                match step {
+            match received {
+                Ok(()) => {}
+                Err(error) if error.is_retryable() => return Ok(StreamEnd::Lost(error)),
+                Err(error) => return Err(error.into()),
+            }
+            let mut pending = items.drain(..);
+            while let Some(item) = pending.next() {
+                match builder.push(item) {
                     Step::Continue => {}
-                    Step::Confirm(lsn) => confirm(stream, summary, lsn),
+                    Step::Confirm(lsn) => self.confirm(summary, lsn),
                     Step::BatchFull if stop_requested(shutdown) => {
-                        // The stop came while this chunk was being read: finish this batch,
-                        // leave the rest of the chunk to the next start.
-                        self.flush(&mut builder, handler, stream, summary, None)
+                        // The stop came while these items were being read: finish this batch,
+                        // leave the rest to the next start.
+                        drop(pending);
+                        items.clear();
+                        self.flush(&mut builder, handler, summary, &mut progress, None)
                             .await?;
                         info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
                         return Ok(StreamEnd::Finished);
@@ -413,8 +450,8 @@ impl Pipeline {
                             .flush(
                                 &mut builder,
                                 handler,
-                                stream,
                                 summary,
+                                &mut progress,
                                 Some(shutdown.as_mut()),
                             )
                             .await?;
@@ -437,8 +474,8 @@ impl Pipeline {
                         .flush(
                             &mut builder,
                             handler,
-                            stream,
                             summary,
+                            &mut progress,
                             Some(shutdown.as_mut()),
                         )
                         .await?;
@@ -455,22 +492,33 @@ impl Pipeline {
         }
     }
 
+    fn confirm(&mut self, summary: &mut RunSummary, lsn: Lsn) {
+        if lsn > summary.confirmed {
+            self.source.confirm(lsn);
+            summary.confirmed = lsn;
+            self.status.set_confirmed(lsn);
+        }
+    }
+
     /// Hands the pending events to the handler and confirms what they complete.
     ///
     /// `shutdown` is the stop request still to come, watched while a failed call waits for its
     /// retry; `None` means the stop was already asked for, so a failure is not retried at all.
     /// Either way a batch given up on is not confirmed, and the next start replays it.
     async fn flush(
-        &self,
+        &mut self,
         builder: &mut BatchBuilder,
         handler: &mut Option<HandlerInstance>,
-        stream: &ReplicationStream,
         summary: &mut RunSummary,
+        progress: &mut Progress,
         shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send)>>,
     ) -> Result<Flushed, PipelineError> {
         let (events, completes) = builder.take();
         if !events.is_empty() {
-            if self.handle_with_retry(handler, &events, shutdown).await? == Flushed::Abandoned {
+            let handled = self
+                .handle_with_retry(handler, &events, summary, progress, shutdown)
+                .await?;
+            if handled == Flushed::Abandoned {
                 warn!(
                     pipeline = %self.config.name, events = events.len(),
                     confirmed = %summary.confirmed,
@@ -480,9 +528,10 @@ impl Pipeline {
             }
             summary.events += events.len() as u64;
             summary.batches += 1;
+            self.status.add_events(events.len() as u64);
         }
         if let Some(lsn) = completes {
-            confirm(stream, summary, lsn);
+            self.confirm(summary, lsn);
         }
         builder.recycle(events);
         Ok(Flushed::Done)
@@ -492,75 +541,68 @@ impl Pipeline {
         &self,
         handler: &mut Option<HandlerInstance>,
         events: &[ChangeEvent],
+        summary: &RunSummary,
+        progress: &mut Progress,
         mut shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send)>>,
     ) -> Result<Flushed, PipelineError> {
         let config = &self.config;
         // Tries that failed for another reason than an outage, and tries in all.
         let mut attempt = 0;
         let mut tries = 0;
-        let mut outage_started: Option<tokio::time::Instant> = None;
+        let mut outage: Option<Outage> = None;
         loop {
             attempt += 1;
             tries += 1;
-            self.imports.take_failure();
             let instance = match handler {
                 Some(instance) => instance,
-                None => handler.insert(
-                    self.plugin
-                        .instantiate(self.imports.clone(), config.limits, &self.log_target())
-                        .await
-                        .map_err(|source| PipelineError::Plugin {
-                            path: config.plugin.clone(),
-                            source,
-                        })?,
-                ),
+                None => handler.insert(self.instantiate().await?),
             };
-            let (error, failed_import) = match instance.handle(events).await {
-                Ok(()) => match self.imports.take_failure() {
-                    None => return Ok(Flushed::Done),
-                    // The guest caught a failed write and went on: confirming the batch would
-                    // lose what it could not write.
-                    Some(failed) => (
-                        HandleError::IgnoredHostFailure(failed.message.clone()),
-                        Some(failed),
-                    ),
-                },
-                Err(error) => (error, self.imports.take_failure()),
+            let error = match instance.handle(events).await {
+                Ok(()) => {
+                    if tries > 1 {
+                        info!(pipeline = %config.name, tries, "the batch went through after retrying");
+                        self.status.set_state(PipelineState::Streaming);
+                    }
+                    return Ok(Flushed::Done);
+                }
+                Err(error) => error,
             };
+            let import_failure = instance.last_import_failure().map(|failure| failure.kind);
             // A failed instance may hold half-updated guest state (or be poisoned by a trap):
             // the retry always starts from a fresh one.
             *handler = None;
             let first_lsn = events.first().map_or(Lsn::ZERO, |event| event.lsn);
             let last_lsn = events.last().map_or(Lsn::ZERO, |event| event.lsn);
-            let failed = |attempts, error| PipelineError::HandlerFailed {
+            let failed = |attempts, outage, error| PipelineError::HandlerFailed {
                 attempts,
                 events: events.len(),
                 first_lsn,
                 last_lsn,
+                outage,
                 error,
             };
-            let import_failure = failed_import.map(|failed| failed.kind);
             match import_failure {
-                Some(ImportFailure::Permanent) => {
+                Some(ImportErrorKind::Refused) => {
                     warn!(
                         pipeline = %config.name, %first_lsn,
                         "the embedder or the sink refused a request of this batch; retrying \
                          cannot help, stopping"
                     );
-                    return Err(failed(tries, error));
+                    return Err(failed(tries, false, error));
                 }
-                Some(ImportFailure::Transient) => {
+                Some(ImportErrorKind::Unavailable) => {
                     // An outage does not use up the batch's tries; its length is bounded.
                     attempt -= 1;
-                    let started = *outage_started.get_or_insert_with(tokio::time::Instant::now);
-                    if started.elapsed() >= config.retry.outage_limit {
-                        return Err(failed(tries, error));
+                    let outage = outage.get_or_insert_with(Outage::begin);
+                    if outage.started.elapsed() >= config.retry.outage_limit {
+                        return Err(failed(tries, true, error));
                     }
+                    outage.tries += 1;
                 }
                 None => {
-                    outage_started = None;
+                    outage = None;
                     if attempt >= config.retry.max_attempts {
-                        return Err(failed(tries, error));
+                        return Err(failed(tries, false, error));
                     }
                 }
             }
@@ -570,20 +612,48 @@ impl Pipeline {
                 warn!(pipeline = %config.name, %first_lsn, %error, "the batch failed while stopping");
                 return Ok(Flushed::Abandoned);
             };
-            let wait = config.retry.backoff(tries);
-            if import_failure.is_some() {
-                warn!(
-                    pipeline = %config.name, try_number = tries, %first_lsn, ?wait,
-                    outage_limit = ?config.retry.outage_limit, %error,
-                    "the embedder or the sink is unavailable; retrying the batch until it is back"
-                );
-            } else {
-                warn!(
-                    pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
-                    %first_lsn, ?wait, %error,
-                    "handler failed; retrying the batch on a fresh instance"
-                );
-            }
+            let wait = match &outage {
+                Some(outage) => {
+                    let reason = format!("the embedder or the sink is unavailable: {error}");
+                    self.status.set_state(PipelineState::Retrying {
+                        reason: reason.clone(),
+                    });
+                    // The first failure is a warning; the rest of the outage is told by the
+                    // progress line, so a long one does not flood the log.
+                    if outage.tries == 1 {
+                        warn!(
+                            pipeline = %config.name, %first_lsn,
+                            outage_limit = ?config.retry.outage_limit, %error,
+                            "the embedder or the sink is unavailable; retrying the batch until it is back"
+                        );
+                    } else {
+                        debug!(pipeline = %config.name, try_number = tries, %error, "still unavailable");
+                    }
+                    progress.waiting(
+                        &config.name,
+                        summary,
+                        outage.started.elapsed(),
+                        &config.retry,
+                        &reason,
+                    );
+                    config.retry.outage_backoff(outage.tries)
+                }
+                None => {
+                    let wait = config.retry.backoff(attempt);
+                    self.status.set_state(PipelineState::Retrying {
+                        reason: format!(
+                            "handler failed (attempt {attempt} of {}): {error}",
+                            config.retry.max_attempts
+                        ),
+                    });
+                    warn!(
+                        pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
+                        %first_lsn, ?wait, %error,
+                        "handler failed; retrying the batch on a fresh instance"
+                    );
+                    wait
+                }
+            };
             tokio::select! {
                 _ = shutdown.as_mut() => return Ok(Flushed::Abandoned),
                 _ = sleep(wait) => {}
@@ -602,29 +672,19 @@ impl Pipeline {
     }
 }
 
-/// The primary key columns of each watched table that has one, by (schema, table).
-pub async fn primary_keys(
-    client: &tokio_postgres::Client,
-    tables: &[TableName],
-) -> Result<HashMap<(String, String), Vec<String>>, ReplicationError> {
-    let mut keys = HashMap::new();
-    for table in tables {
-        let rows = client
-            .query(
-                "SELECT a.attname::text FROM pg_index i
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-                 WHERE i.indrelid = to_regclass($1) AND i.indisprimary
-                 ORDER BY a.attnum",
-                &[&table.quoted()],
-            )
-            .await
-            .map_err(ReplicationError::Sql)?;
-        if !rows.is_empty() {
-            let columns = rows.iter().map(|row| row.get(0)).collect();
-            keys.insert((table.schema.clone(), table.name.clone()), columns);
+/// An outage being ridden out: since when, and how many tries failed in it.
+struct Outage {
+    started: Instant,
+    tries: u32,
+}
+
+impl Outage {
+    fn begin() -> Outage {
+        Outage {
+            started: Instant::now(),
+            tries: 0,
         }
     }
-    Ok(keys)
 }
 
 /// Whether the stop request has come, without waiting for it. Once this returns true the
@@ -634,16 +694,9 @@ fn stop_requested(shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>) ->
     shutdown.as_mut().poll(&mut context).is_ready()
 }
 
-fn confirm(stream: &ReplicationStream, summary: &mut RunSummary, lsn: Lsn) {
-    if lsn > summary.confirmed {
-        stream.confirm(lsn);
-        summary.confirmed = lsn;
-    }
-}
-
 enum StreamEnd {
     Finished,
-    Lost(ReplicationError),
+    Lost(SourceError),
 }
 
 /// What became of a batch handed to the handler.
@@ -689,6 +742,28 @@ impl Progress {
                 confirmed = %summary.confirmed, "progress"
             ),
         }
+        self.last = Instant::now();
+        self.last_events = summary.events;
+    }
+
+    /// The progress line of a pipeline that is waiting for a dependency to come back: what it
+    /// waits for, for how long so far, and how long it will.
+    fn waiting(
+        &mut self,
+        name: &str,
+        summary: &RunSummary,
+        waited: Duration,
+        retry: &RetryPolicy,
+        reason: &str,
+    ) {
+        if self.last.elapsed() < self.interval {
+            return;
+        }
+        info!(
+            pipeline = %name, events = summary.events, confirmed = %summary.confirmed,
+            waited_secs = waited.as_secs(), outage_limit_secs = retry.outage_limit.as_secs(),
+            "progress: waiting; {reason}"
+        );
         self.last = Instant::now();
         self.last_events = summary.events;
     }

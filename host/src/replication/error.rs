@@ -209,6 +209,11 @@ pub enum ReplicationError {
 }
 
 impl ReplicationError {
+    /// Whether the connection string itself could not be parsed.
+    pub fn is_invalid_dsn(&self) -> bool {
+        matches!(self, ReplicationError::InvalidDsn { .. })
+    }
+
     /// Whether reconnecting later can succeed: connection refused/reset/lost, timeouts, SQLSTATE
     /// class 08, server shutdown/startup (57P01..57P03). Authentication failures, bad
     /// connection strings, TLS verification failures, missing slots and other SQL errors are

@@ -92,6 +92,14 @@ impl FromStr for TableName {
     }
 }
 
+/// Read from its text form (`schema.table`, `table`, quoted parts), as in a config file.
+impl<'de> serde::Deserialize<'de> for TableName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<TableName, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for TableName {
     /// `schema.table`, quoting only the parts that would not survive unquoted.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

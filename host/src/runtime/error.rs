@@ -92,8 +92,8 @@ pub enum HandleError {
     #[error("handler instance is poisoned by an earlier failure; instantiate a new one")]
     Poisoned,
     /// The guest returned `ok`, but a host call it made during the call failed and it went
-    /// on: what it asked for was not done. Set by the pipeline, which learns of the failed
-    /// call from its imports.
+    /// on: what it asked for was not done. The failure itself is
+    /// [`HandlerInstance::last_import_failure`](super::HandlerInstance::last_import_failure).
     #[error(
         "the handler returned ok, but a host call failed during it and the handler went on: {0}"
     )]

@@ -3,9 +3,11 @@
 //!
 //! The runtime knows neither embedders nor sinks: it converts the guest's WIT values into
 //! [`Point`]s and [`PointKey`]s and hands them to whatever `HostImports` the pipeline passed to
-//! [`Plugin::instantiate`](super::Plugin::instantiate). Failures of those calls go back to the
-//! guest as WIT `error` values (the guest decides whether to give up the batch); they never
-//! trap the guest.
+//! [`Plugin::instantiate`](super::Plugin::instantiate). Failures of those calls are typed
+//! [`ImportError`]s: their message goes back to the guest as a WIT `error` value (the guest
+//! decides whether to give up the batch; it never traps), and the instance remembers the worst
+//! one of the call, so whoever drives it knows whether retrying may help even when the guest
+//! caught the error and went on.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,23 +22,63 @@ use super::bindings::pgstream::handler::types::{
 use super::limits::CallClock;
 use crate::point::{Point, PointKey};
 
+/// Whether a failed host import may succeed when tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ImportErrorKind {
+    /// The embedder or the store could not serve the request (unreachable, timed out,
+    /// overloaded): the same call may succeed once it is back.
+    Unavailable,
+    /// The request was refused (wrong dimension, a bad request, a namespace the pipeline may
+    /// not write): the same call fails the same way every time.
+    Refused,
+}
+
+/// A failed host import: how it failed, and the text the guest gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ImportError {
+    /// Whether repeating the call may help.
+    pub kind: ImportErrorKind,
+    /// One line, the cause included ("cannot embed: ... connection refused").
+    pub message: String,
+}
+
+impl ImportError {
+    /// An error the caller could not be served for; worth retrying.
+    pub fn unavailable(message: impl Into<String>) -> ImportError {
+        ImportError {
+            kind: ImportErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// A refusal; retrying cannot help.
+    pub fn refused(message: impl Into<String>) -> ImportError {
+        ImportError {
+            kind: ImportErrorKind::Refused,
+            message: message.into(),
+        }
+    }
+}
+
 /// What a handler can do outside its sandbox. Implemented by the pipeline, which wires the
 /// embedder and the sink of one pipeline.
 ///
 /// Each method is called while the guest's `handle` call is suspended waiting for it, in the
 /// order the guest makes the calls; calls of one instance never overlap. A handler may retry a
 /// batch after a failure, so `upsert`, `delete` and `delete_table` must be idempotent. An
-/// `Err(message)` is returned to the guest as a WIT `error` with that message.
+/// `Err` is returned to the guest as a WIT `error` with its message, and recorded on the
+/// instance (see [`HandlerInstance::last_import_failure`](super::HandlerInstance::last_import_failure)).
 #[async_trait]
 pub trait HostImports: Send + Sync + 'static {
     /// Embeds texts; returns one vector per text, in the same order.
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String>;
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError>;
     /// Inserts or replaces points.
-    async fn upsert(&self, points: Vec<Point>) -> Result<(), String>;
+    async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError>;
     /// Deletes points; missing keys are not an error.
-    async fn delete(&self, keys: Vec<PointKey>) -> Result<(), String>;
+    async fn delete(&self, keys: Vec<PointKey>) -> Result<(), ImportError>;
     /// Deletes every point made from rows of `schema.table`.
-    async fn delete_table(&self, schema: String, table: String) -> Result<(), String>;
+    async fn delete_table(&self, schema: String, table: String) -> Result<(), ImportError>;
 }
 
 /// The part of a store's data the `host` interface works on.
@@ -46,6 +88,9 @@ pub(crate) struct HostState {
     /// Told when an import starts and ends, so time awaiting the embedder or the sink does not
     /// count against the guest's time limit.
     clock: Arc<CallClock>,
+    /// The worst import failure of the current call (a refusal outweighs an outage; the first
+    /// of its kind is kept).
+    failure: Option<ImportError>,
 }
 
 impl HostState {
@@ -58,7 +103,31 @@ impl HostState {
             imports,
             log_target,
             clock,
+            failure: None,
         }
+    }
+
+    /// Forgets the previous call's failure; called as a call starts.
+    pub(crate) fn clear_failure(&mut self) {
+        self.failure = None;
+    }
+
+    /// The worst import failure since the call started.
+    pub(crate) fn failure(&self) -> Option<&ImportError> {
+        self.failure.as_ref()
+    }
+
+    /// Remembers a failure and turns it into the guest's error value.
+    fn failed(&mut self, error: ImportError) -> WitError {
+        let message = error.message.clone();
+        if self
+            .failure
+            .as_ref()
+            .is_none_or(|known| known.kind < error.kind)
+        {
+            self.failure = Some(error);
+        }
+        WitError { message }
     }
 
     /// Runs one host import with the guest's clock stopped.
@@ -108,11 +177,11 @@ impl Host for HostState {
             Ok(vectors) if vectors.len() == count => Ok(vectors),
             // A guest indexes the result by position; a short answer would misalign every
             // vector after the gap, so it is reported instead of passed on.
-            Ok(vectors) => Err(wit_error(format!(
+            Ok(vectors) => Err(self.failed(ImportError::refused(format!(
                 "embedder returned {} vectors for {count} texts",
                 vectors.len()
-            ))),
-            Err(message) => Err(wit_error(message)),
+            )))),
+            Err(error) => Err(self.failed(error)),
         }
     }
 
@@ -126,20 +195,20 @@ impl Host for HostState {
             })
             .collect();
         let result = self.outside_guest_time(self.imports.upsert(points)).await;
-        result.map_err(wit_error)
+        result.map_err(|error| self.failed(error))
     }
 
     async fn delete(&mut self, keys: Vec<WitPointKey>) -> Result<(), WitError> {
         let keys = keys.into_iter().map(point_key).collect();
         let result = self.outside_guest_time(self.imports.delete(keys)).await;
-        result.map_err(wit_error)
+        result.map_err(|error| self.failed(error))
     }
 
     async fn delete_table(&mut self, schema: String, table: String) -> Result<(), WitError> {
         let result = self
             .outside_guest_time(self.imports.delete_table(schema, table))
             .await;
-        result.map_err(wit_error)
+        result.map_err(|error| self.failed(error))
     }
 
     async fn log(&mut self, level: LogLevel, message: String) {

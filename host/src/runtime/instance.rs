@@ -11,6 +11,7 @@ use super::engine::{EPOCH_TICK, EngineShared};
 use super::error::HandleError;
 use super::event_records::{BatchRecords, HandleParams, HandleResults};
 use super::guest_output::GuestOutput;
+use super::host_imports::ImportError;
 use super::limits::{CallClock, Limits};
 use super::plugin::StoreState;
 use crate::event::ChangeEvent;
@@ -67,11 +68,20 @@ impl HandlerInstance {
         self.poisoned
     }
 
+    /// The worst host import failure of the last [`handle`](Self::handle) call, if any: an
+    /// [`ImportErrorKind::Unavailable`](super::ImportErrorKind::Unavailable) one says the
+    /// call may succeed once the embedder or the sink is back, a refusal that it will not.
+    pub fn last_import_failure(&self) -> Option<&ImportError> {
+        self.store.data().host.failure()
+    }
+
     /// Passes one batch to the guest's `handle` and waits for it to finish, including every
     /// host import it makes.
     ///
     /// The guest's time limit covers the time it runs, not the time it awaits `embed`,
-    /// `upsert`, `delete` or `delete-table` (see [`Limits::call_timeout`]). After an error for
+    /// `upsert`, `delete` or `delete-table` (see [`Limits::call_timeout`]). A guest that
+    /// returns `ok` after one of those failed gets [`HandleError::IgnoredHostFailure`]: the
+    /// write it asked for did not happen. After an error for
     /// which [`HandleError::is_poisoned`] is true, every further call returns
     /// [`HandleError::Poisoned`].
     pub async fn handle(&mut self, events: &[ChangeEvent]) -> Result<(), HandleError> {
@@ -90,6 +100,7 @@ impl HandlerInstance {
         };
 
         self.stderr.clear_tail();
+        self.store.data_mut().host.clear_failure();
         self.clock.start_call();
         self.store.set_epoch_deadline(1);
         let clock = self.clock.clone();
@@ -101,7 +112,12 @@ impl HandlerInstance {
         };
 
         match outcome {
-            Some(Ok((Ok(()),))) => Ok(()),
+            Some(Ok((Ok(()),))) => match self.store.data().host.failure() {
+                None => Ok(()),
+                // The guest caught a failed write and went on: what it asked for was not
+                // done, so the call did not succeed.
+                Some(failure) => Err(HandleError::IgnoredHostFailure(failure.message.clone())),
+            },
             Some(Ok((Err(error),))) => Err(HandleError::GuestError(error.message)),
             Some(Err(error)) => Err(self.classify_failure(&error)),
             // The call future was dropped mid-call; the store is not reusable.
@@ -172,17 +188,17 @@ mod throughput_tests {
 
     #[async_trait::async_trait]
     impl HostImports for NoImports {
-        async fn embed(&self, _: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
-            Err("unused".into())
+        async fn embed(&self, _: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError> {
+            Err(ImportError::refused("unused"))
         }
-        async fn upsert(&self, _: Vec<Point>) -> Result<(), String> {
-            Err("unused".into())
+        async fn upsert(&self, _: Vec<Point>) -> Result<(), ImportError> {
+            Err(ImportError::refused("unused"))
         }
-        async fn delete(&self, _: Vec<PointKey>) -> Result<(), String> {
-            Err("unused".into())
+        async fn delete(&self, _: Vec<PointKey>) -> Result<(), ImportError> {
+            Err(ImportError::refused("unused"))
         }
-        async fn delete_table(&self, _: String, _: String) -> Result<(), String> {
-            Err("unused".into())
+        async fn delete_table(&self, _: String, _: String) -> Result<(), ImportError> {
+            Err(ImportError::refused("unused"))
         }
     }
 

@@ -26,7 +26,7 @@ mod plugin;
 
 pub use engine::{EngineOptions, PluginEngine};
 pub use error::{HandleError, RuntimeError};
-pub use host_imports::HostImports;
+pub use host_imports::{HostImports, ImportError, ImportErrorKind};
 pub use instance::HandlerInstance;
 pub use limits::Limits;
 pub use plugin::Plugin;

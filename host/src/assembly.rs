@@ -1,0 +1,365 @@
+//! Builds pipelines from their [`PipelineSpec`]s: the embedder, the sink, the source and the
+//! plugin each spec names, wired into a [`Pipeline`].
+//!
+//! What pipelines may share is held by [`SharedResources`], one per process: the wasmtime
+//! engine (a component file used by several pipelines is compiled once) and the in-process
+//! models (one MiniLM per model folder, however many pipelines embed with it). Everything else
+//! (a sink's connections, the embedding cache, the replication slot) belongs to one pipeline.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use crate::config::{EmbedderSpec, PipelineSpec, ProcessSettings, SinkSpec, SpecProblem};
+use crate::embed::{
+    ApiKey, CachingEmbedder, EmbedCacheOptions, EmbedError, Embedder, MiniLmEmbedder,
+    MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder, default_model_dir,
+};
+use crate::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
+use crate::replication::{ReplicationError, SourceConfig, StreamOptions};
+use crate::runtime::{EngineOptions, Limits, Plugin, PluginEngine, RuntimeError};
+use crate::sink::{
+    JsonLinesSink, PgVectorSink, QdrantOptions, QdrantSink, SearchHit, Sink, SinkError,
+};
+use crate::source::PostgresSource;
+
+/// Why a pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AssemblyError {
+    /// The spec has a problem that can be seen without connecting anywhere.
+    #[error("{0}")]
+    Spec(#[from] SpecProblem),
+    /// A DSN does not parse, or a database cannot be reached.
+    #[error("{setting}: {source}")]
+    Database {
+        /// `source.dsn` or `sink.dsn`.
+        setting: &'static str,
+        /// Why.
+        #[source]
+        source: Box<ReplicationError>,
+    },
+    /// The embedder could not be set up.
+    #[error("cannot set up the embedder")]
+    Embedder(#[from] EmbedError),
+    /// The sink could not be set up.
+    #[error("cannot set up the sink")]
+    Sink(#[from] SinkError),
+    /// The plugin could not be loaded.
+    #[error("plugin {}", path.display())]
+    Plugin {
+        /// The component file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: RuntimeError,
+    },
+    /// The wasmtime engine could not be set up.
+    #[error("cannot set up the plugin runtime")]
+    Engine(#[source] RuntimeError),
+    /// A blocking task (loading a model, compiling a plugin, opening the cache) panicked.
+    #[error("{0} panicked")]
+    Panicked(&'static str),
+}
+
+/// What every pipeline of one process shares. Cheap to share by reference; build it once.
+pub struct SharedResources {
+    engine: PluginEngine,
+    /// In-process models by folder and thread count.
+    models: Mutex<HashMap<(PathBuf, usize), Arc<dyn Embedder>>>,
+}
+
+impl SharedResources {
+    /// Sets up the plugin engine (its compile cache in `settings.plugin_cache_dir`).
+    pub fn new(settings: &ProcessSettings) -> Result<SharedResources, AssemblyError> {
+        let engine = PluginEngine::new(EngineOptions {
+            cache_dir: settings
+                .plugin_cache_dir
+                .clone()
+                .or_else(default_plugin_cache_dir),
+        })
+        .map_err(AssemblyError::Engine)?;
+        Ok(SharedResources {
+            engine,
+            models: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The engine every plugin is compiled and run by.
+    pub fn engine(&self) -> &PluginEngine {
+        &self.engine
+    }
+
+    /// The embedder `spec` describes. An in-process model is loaded once per folder and
+    /// thread count and then shared; a remote one is connected per call.
+    pub async fn embedder(&self, spec: &EmbedderSpec) -> Result<Arc<dyn Embedder>, AssemblyError> {
+        match spec {
+            EmbedderSpec::Minilm { model_dir, threads } => {
+                let dir = model_dir
+                    .clone()
+                    .or_else(default_model_dir)
+                    .ok_or_else(|| SpecProblem {
+                        setting: "embedder.model_dir",
+                        problem: "no embedding model found; name a folder with config.json, \
+                                  tokenizer.json and model.safetensors, or run `make setup`"
+                            .into(),
+                    })?;
+                let threads = threads.unwrap_or_else(default_threads).max(1);
+                // Held across the load: two pipelines asking for one model at once load it once.
+                let mut models = self.models.lock().await;
+                if let Some(model) = models.get(&(dir.clone(), threads)) {
+                    return Ok(model.clone());
+                }
+                let options = MiniLmOptions {
+                    threads,
+                    ..MiniLmOptions::default()
+                };
+                let load_dir = dir.clone();
+                // Reading 90 MB of weights takes a moment: off the async threads.
+                let model =
+                    tokio::task::spawn_blocking(move || MiniLmEmbedder::load(&load_dir, options))
+                        .await
+                        .map_err(|_| AssemblyError::Panicked("loading the embedding model"))??;
+                let model: Arc<dyn Embedder> = Arc::new(model);
+                models.insert((dir, threads), model.clone());
+                Ok(model)
+            }
+            EmbedderSpec::Openai {
+                base_url,
+                model,
+                api_key,
+                dimensions,
+                max_inputs,
+                max_tokens,
+                concurrency,
+                timeout_ms,
+            } => {
+                let config = OpenAiConfig {
+                    api_key: api_key.as_ref().and_then(|key| ApiKey::new(key.expose())),
+                    dimensions: *dimensions,
+                    request_timeout: Duration::from_millis(*timeout_ms),
+                    max_inputs_per_request: *max_inputs,
+                    max_tokens_per_request: *max_tokens,
+                    max_concurrent_requests: *concurrency,
+                    ..OpenAiConfig::new(base_url, model)
+                };
+                Ok(Arc::new(OpenAiEmbedder::connect(config).await?))
+            }
+            EmbedderSpec::None { dimensions } => Ok(Arc::new(NoEmbedder::new(*dimensions))),
+        }
+    }
+}
+
+/// Checks `spec` and builds its pipeline: the embedder (shared or its own), the embedding
+/// cache, the sink, the source and the plugin. Connects to nothing but a remote embedder
+/// (which is asked its vector size); the source and the sink are prepared when the pipeline
+/// runs.
+pub async fn assemble(
+    spec: &PipelineSpec,
+    shared: &SharedResources,
+) -> Result<Pipeline, AssemblyError> {
+    if let Some(problem) = spec.validate().into_iter().next() {
+        return Err(problem.into());
+    }
+    let source_config = parse_dsn("source.dsn", spec.source.dsn.expose())?;
+    let embedder = with_cache(spec, shared.embedder(&spec.embedder).await?).await?;
+    let sink = sink(spec, &source_config)?;
+    let source = PostgresSource::new(
+        &spec.name,
+        source_config,
+        spec.tables.clone(),
+        spec.slot_name(),
+        spec.publication_name(),
+        StreamOptions::default(),
+    );
+    let plugin = load_plugin(shared, &spec.plugin).await?;
+    Ok(Pipeline::new(
+        pipeline_config(spec),
+        plugin,
+        embedder,
+        sink,
+        Box::new(source),
+    ))
+}
+
+/// How the pipeline of `spec` runs, apart from its parts.
+pub fn pipeline_config(spec: &PipelineSpec) -> PipelineConfig {
+    PipelineConfig {
+        name: spec.name.clone(),
+        plugin: spec.plugin.clone(),
+        limits: Limits {
+            call_timeout: Duration::from_millis(spec.call_timeout_ms),
+            memory_bytes: spec.memory_limit_mb.saturating_mul(1024 * 1024),
+        },
+        batch: BatchOptions {
+            max_events: spec.batch_size,
+            max_wait: Duration::from_millis(spec.batch_wait_ms),
+        },
+        retry: RetryPolicy {
+            max_attempts: spec.max_attempts,
+            initial_backoff: Duration::from_millis(spec.retry_backoff_ms),
+            outage_limit: Duration::from_secs(spec.outage_limit_secs),
+            ..RetryPolicy::default()
+        },
+        stop_at: spec.stop_at_lsn,
+        progress_interval: Duration::from_secs(spec.progress_secs),
+    }
+}
+
+/// Loads (compiles, or takes from the engine's cache) a plugin. Compiling one that is not in
+/// the cache takes seconds of CPU, so it runs on the blocking pool.
+pub async fn load_plugin(
+    shared: &SharedResources,
+    path: &std::path::Path,
+) -> Result<Plugin, AssemblyError> {
+    let engine = shared.engine.clone();
+    let load_path = path.to_owned();
+    tokio::task::spawn_blocking(move || engine.load(&load_path))
+        .await
+        .map_err(|_| AssemblyError::Panicked("loading the plugin"))?
+        .map_err(|source| AssemblyError::Plugin {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Wraps `embedder` in the spec's embedding cache, if it has one.
+async fn with_cache(
+    spec: &PipelineSpec,
+    embedder: Arc<dyn Embedder>,
+) -> Result<Arc<dyn Embedder>, AssemblyError> {
+    let Some(cache) = &spec.embed_cache else {
+        return Ok(embedder);
+    };
+    let options = EmbedCacheOptions {
+        path: cache.path.clone(),
+        max_bytes: cache.max_mb.saturating_mul(1024 * 1024),
+    };
+    // Opening after a crash makes redb check the whole file: off the async threads.
+    let cached = tokio::task::spawn_blocking(move || CachingEmbedder::open(embedder, &options))
+        .await
+        .map_err(|_| AssemblyError::Panicked("opening the embedding cache"))?;
+    Ok(Arc::new(cached))
+}
+
+/// The sink of `spec`, writing its namespace. Connects lazily: nothing is reached before the
+/// pipeline prepares it.
+pub fn sink(spec: &PipelineSpec, source: &SourceConfig) -> Result<Arc<dyn Sink>, AssemblyError> {
+    Ok(match &spec.sink {
+        SinkSpec::Pgvector { dsn, pool_size } => {
+            let sink_source = match dsn {
+                Some(dsn) => parse_dsn("sink.dsn", dsn.expose())?,
+                None => source.clone(),
+            };
+            let table = spec.pgvector_table()?;
+            let pool = sink_source
+                .pool(*pool_size, Duration::from_secs(60))
+                .map_err(|source| AssemblyError::Database {
+                    setting: "sink.dsn",
+                    source: Box::new(source),
+                })?;
+            Arc::new(PgVectorSink::new(pool, &table.schema, &table.name))
+        }
+        SinkSpec::Qdrant { .. } => Arc::new(qdrant_sink(spec)?),
+        SinkSpec::Jsonl => Arc::new(JsonLinesSink::open(&spec.jsonl_path()?)?),
+    })
+}
+
+fn qdrant_sink(spec: &PipelineSpec) -> Result<QdrantSink, AssemblyError> {
+    let SinkSpec::Qdrant {
+        url,
+        api_key,
+        timeout_ms,
+        max_attempts,
+        create_collection,
+    } = &spec.sink
+    else {
+        return Err(SpecProblem {
+            setting: "sink",
+            problem: "not a Qdrant sink".into(),
+        }
+        .into());
+    };
+    let mut options = QdrantOptions::new(url, &spec.qdrant_collection()?);
+    options.api_key = api_key
+        .as_ref()
+        .map(|key| key.expose().to_owned())
+        .filter(|key| !key.is_empty());
+    options.timeout = Duration::from_millis(*timeout_ms);
+    options.max_attempts = *max_attempts;
+    options.create_collection = *create_collection;
+    Ok(QdrantSink::new(options)?)
+}
+
+/// The points of `spec`'s sink nearest to `query`, embedded by its embedder, and the
+/// namespace they were found in.
+pub async fn search(
+    spec: &PipelineSpec,
+    shared: &SharedResources,
+    query: &str,
+    limit: u64,
+) -> Result<(Vec<SearchHit>, String), AssemblyError> {
+    let embedder = shared.embedder(&spec.embedder).await?;
+    let vector = embedder
+        .embed(std::slice::from_ref(&query.to_owned()))
+        .await?
+        .pop()
+        .ok_or_else(|| {
+            AssemblyError::Embedder(EmbedError::InvalidResponse {
+                endpoint: embedder.model_id().to_owned(),
+                reason: "no vector for the query".into(),
+            })
+        })?;
+    match &spec.sink {
+        SinkSpec::Qdrant { .. } => {
+            let hits = qdrant_sink(spec)?.search(vector, limit).await?;
+            Ok((hits, spec.qdrant_collection()?))
+        }
+        SinkSpec::Pgvector { dsn, .. } => {
+            let table = spec.pgvector_table()?;
+            let (setting, dsn) = match dsn {
+                Some(dsn) => ("sink.dsn", dsn.expose()),
+                None => ("source.dsn", spec.source.dsn.expose()),
+            };
+            let database = |source| AssemblyError::Database {
+                setting,
+                source: Box::new(source),
+            };
+            let client = parse_dsn(setting, dsn)?
+                .connect_sql()
+                .await
+                .map_err(database)?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let hits =
+                PgVectorSink::search(&client, &table.schema, &table.name, vector, limit).await?;
+            Ok((hits, table.to_string()))
+        }
+        SinkSpec::Jsonl => Err(SpecProblem {
+            setting: "sink",
+            problem: "a jsonl file cannot be searched; search a pgvector or Qdrant sink".into(),
+        }
+        .into()),
+    }
+}
+
+/// Parses a DSN, naming the setting it came from when it does not parse.
+pub fn parse_dsn(setting: &'static str, dsn: &str) -> Result<SourceConfig, AssemblyError> {
+    SourceConfig::from_dsn(dsn).map_err(|source| AssemblyError::Database {
+        setting,
+        source: Box::new(source),
+    })
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn default_plugin_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("pgstream-host"))
+}

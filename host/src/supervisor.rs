@@ -1,0 +1,355 @@
+//! Runs many pipelines in one process and keeps each one's failure inside it.
+//!
+//! Every pipeline is a task of its own, built from its spec by [`crate::assembly`] and run
+//! until the stop request. When one fails, the others do not notice: it is started again
+//! after a wait that doubles while it keeps failing (so a crash-looping pipeline does not
+//! spin) and resets once it has run healthily for a while. A pipeline whose spec or plugin
+//! cannot work (a bad setting, a component that does not compile or start) is marked failed
+//! and left alone, since only an operator can fix it. A panic in a pipeline's task is caught
+//! like any other failure. With [`Supervisor::coordinated`], a pipeline runs only while this
+//! host holds its lease, so several hosts can share one config file.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::assembly::{AssemblyError, SharedResources, assemble};
+use crate::config::PipelineSpec;
+use crate::coordination::{LEASE_INTERVAL, Lease};
+use crate::pipeline::{PipelineError, PipelineState, RunSummary, StatusHandle};
+use crate::replication::SourceConfig;
+
+/// Whether and how failed pipelines are started again.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    /// Start a failed pipeline again; when false its first failure is its outcome.
+    pub restart: bool,
+    /// Wait before the first restart; doubled per failure in a row, with jitter.
+    pub initial_backoff: Duration,
+    /// Longest wait between restarts.
+    pub max_backoff: Duration,
+    /// A pipeline that ran this long before failing counts as healthy: its next restart
+    /// waits `initial_backoff` again.
+    pub healthy_after: Duration,
+}
+
+impl RestartPolicy {
+    /// Never restart: what the single-pipeline command line does (it exits with the error).
+    pub fn never() -> RestartPolicy {
+        RestartPolicy {
+            restart: false,
+            ..RestartPolicy::default()
+        }
+    }
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            restart: true,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            healthy_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a supervised pipeline stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineFailure {
+    /// It could not be built.
+    #[error(transparent)]
+    Assembly(#[from] AssemblyError),
+    /// It failed while running.
+    #[error(transparent)]
+    Run(#[from] PipelineError),
+    /// Its task panicked.
+    #[error("the pipeline's task panicked: {0}")]
+    Panicked(String),
+}
+
+impl PipelineFailure {
+    /// Whether only a change of its spec or plugin can fix it, so restarting is pointless.
+    pub fn needs_operator(&self) -> bool {
+        match self {
+            PipelineFailure::Assembly(error) => matches!(
+                error,
+                AssemblyError::Spec(_) | AssemblyError::Plugin { .. } | AssemblyError::Engine(_)
+            ),
+            PipelineFailure::Run(error) => matches!(error, PipelineError::Plugin { .. }),
+            PipelineFailure::Panicked(_) => false,
+        }
+    }
+}
+
+/// How one supervised pipeline ended.
+#[derive(Debug)]
+pub struct PipelineOutcome {
+    /// The pipeline's name.
+    pub name: String,
+    /// Its last run's summary, or why it stopped for good.
+    pub result: Result<RunSummary, PipelineFailure>,
+}
+
+/// Runs a set of pipelines side by side.
+pub struct Supervisor {
+    shared: Arc<SharedResources>,
+    policy: RestartPolicy,
+    pipelines: Vec<(PipelineSpec, StatusHandle)>,
+    /// This host's identity when pipelines are leased through their sources.
+    coordination: Option<String>,
+}
+
+impl Supervisor {
+    /// A supervisor for `specs`, sharing `shared` between them.
+    pub fn new(
+        shared: Arc<SharedResources>,
+        specs: Vec<PipelineSpec>,
+        policy: RestartPolicy,
+    ) -> Supervisor {
+        let pipelines = specs
+            .into_iter()
+            .map(|spec| {
+                let status = StatusHandle::new(&spec.name);
+                (spec, status)
+            })
+            .collect();
+        Supervisor {
+            shared,
+            policy,
+            pipelines,
+            coordination: None,
+        }
+    }
+
+    /// Runs each pipeline only while this host, named `host`, holds its lease on the
+    /// pipeline's source (see [`crate::coordination`]), so that several hosts can serve the
+    /// same pipelines and each runs on one of them.
+    pub fn coordinated(mut self, host: &str) -> Supervisor {
+        self.coordination = Some(host.to_owned());
+        self
+    }
+
+    /// A handle on each pipeline's status, in spec order; valid while and after it runs.
+    pub fn statuses(&self) -> Vec<StatusHandle> {
+        self.pipelines
+            .iter()
+            .map(|(_, status)| status.clone())
+            .collect()
+    }
+
+    /// Runs every pipeline until `shutdown` resolves (each finishes its batch in flight and
+    /// confirms it) or until each has stopped on its own; returns their outcomes in spec
+    /// order.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Vec<PipelineOutcome> {
+        let (stop, stopping) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut outcomes: Vec<Option<PipelineOutcome>> = Vec::new();
+        for (index, (spec, status)) in self.pipelines.into_iter().enumerate() {
+            outcomes.push(None);
+            let task = supervise(
+                spec,
+                self.shared.clone(),
+                status,
+                self.policy,
+                self.coordination.clone(),
+                stopping.clone(),
+            );
+            tasks.spawn(async move { (index, task.await) });
+        }
+        drop(stopping);
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut stop_sent = false;
+        loop {
+            let joined = tokio::select! {
+                _ = &mut shutdown, if !stop_sent => {
+                    stop_sent = true;
+                    let _ = stop.send(true);
+                    continue;
+                }
+                joined = tasks.join_next() => joined,
+            };
+            match joined {
+                None => break,
+                Some(Ok((index, outcome))) => outcomes[index] = Some(outcome),
+                // `supervise` catches its pipeline's panics itself; this is a panic in the
+                // supervision code, which leaves that pipeline's slot without an outcome.
+                Some(Err(error)) => error!(%error, "a supervision task failed"),
+            }
+        }
+        outcomes.into_iter().flatten().collect()
+    }
+}
+
+/// Builds and runs one pipeline, again and again while the policy says so. With
+/// coordination, only while this host holds the pipeline's lease.
+async fn supervise(
+    spec: PipelineSpec,
+    shared: Arc<SharedResources>,
+    status: StatusHandle,
+    policy: RestartPolicy,
+    coordination: Option<String>,
+    mut stopping: watch::Receiver<bool>,
+) -> PipelineOutcome {
+    let name = spec.name.clone();
+    let mut failures_in_a_row = 0u32;
+    let outcome = 'supervising: loop {
+        let mut lease = match &coordination {
+            None => None,
+            Some(host) => match acquire_lease(&spec, host, &status, &mut stopping).await {
+                Some(lease) => Some(lease),
+                None => {
+                    status.set_state(PipelineState::Stopped);
+                    break Ok(RunSummary::default());
+                }
+            },
+        };
+        loop {
+            let started = Instant::now();
+            // Stopped by the supervisor's stop request, or by losing the lease.
+            let (lease_lost, on_lease_lost) = watch::channel(false);
+            let stop = stop_future(stopping.clone(), on_lease_lost);
+            let mut attempt = {
+                let spec = spec.clone();
+                let shared = shared.clone();
+                let status = status.clone();
+                // Its own task, so a panic anywhere in the pipeline ends only this attempt.
+                tokio::spawn(async move {
+                    let pipeline = assemble(&spec, &shared).await?;
+                    Ok::<_, PipelineFailure>(pipeline.with_status(status).run(stop).await?)
+                })
+            };
+            let mut publish = tokio::time::interval(LEASE_INTERVAL);
+            let joined = loop {
+                tokio::select! {
+                    joined = &mut attempt => break joined,
+                    _ = publish.tick(), if lease.is_some() => {
+                        if let Some(held) = &mut lease {
+                            held.publish(&status.snapshot()).await;
+                            if !held.is_held() {
+                                warn!(pipeline = %name, "lost the pipeline's lease (its connection to the source ended); stopping it here");
+                                let _ = lease_lost.send(true);
+                            }
+                        }
+                    }
+                }
+            };
+            let lease_was_lost = *lease_lost.borrow();
+            let failure = match joined {
+                // Stopped cleanly because the lease went: try to take it again.
+                Ok(Ok(_)) if lease_was_lost && !*stopping.borrow() => continue 'supervising,
+                Ok(Ok(summary)) => {
+                    status.set_state(PipelineState::Stopped);
+                    if let Some(held) = &mut lease {
+                        held.publish(&status.snapshot()).await;
+                    }
+                    break 'supervising Ok(summary);
+                }
+                Ok(Err(failure)) => failure,
+                Err(join_error) => PipelineFailure::Panicked(join_error.to_string()),
+            };
+            let reason = crate::error_chain::one_line(&failure);
+            if !policy.restart || failure.needs_operator() {
+                status.set_state(PipelineState::Failed {
+                    reason: reason.clone(),
+                });
+                if let Some(held) = &mut lease {
+                    held.publish(&status.snapshot()).await;
+                }
+                if policy.restart {
+                    error!(pipeline = %name, error = %reason, "pipeline failed; fix its settings or plugin and restart the host");
+                }
+                break 'supervising Err(failure);
+            }
+            if started.elapsed() >= policy.healthy_after {
+                failures_in_a_row = 0;
+            }
+            failures_in_a_row += 1;
+            let wait = crate::backoff::jittered(
+                failures_in_a_row,
+                policy.initial_backoff,
+                policy.max_backoff,
+            );
+            warn!(pipeline = %name, error = %reason, ?wait, failures_in_a_row, "pipeline failed; restarting it after a wait");
+            status.set_state(PipelineState::Restarting { reason });
+            if let Some(held) = &mut lease {
+                held.publish(&status.snapshot()).await;
+            }
+            if *stopping.borrow() {
+                status.set_state(PipelineState::Stopped);
+                break 'supervising Err(failure);
+            }
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => {
+                    status.set_state(PipelineState::Stopped);
+                    break 'supervising Err(failure);
+                }
+                _ = tokio::time::sleep(wait) => {
+                    info!(pipeline = %name, "restarting");
+                }
+            }
+            if lease.as_ref().is_some_and(|held| !held.is_held()) {
+                continue 'supervising;
+            }
+        }
+    };
+    PipelineOutcome {
+        name,
+        result: outcome,
+    }
+}
+
+/// Waits until this host holds the pipeline's lease (a standby meanwhile), or `None` when a
+/// stop is requested first.
+async fn acquire_lease(
+    spec: &PipelineSpec,
+    host: &str,
+    status: &StatusHandle,
+    stopping: &mut watch::Receiver<bool>,
+) -> Option<Lease> {
+    let source = match SourceConfig::from_dsn(spec.source.dsn.expose()) {
+        Ok(source) => source,
+        // Assembly reports a bad DSN with its setting; a lease is not needed for that.
+        Err(_) => return None,
+    };
+    let mut announced = false;
+    loop {
+        match Lease::try_acquire(&source, &spec.name, host).await {
+            Ok(Some(lease)) => {
+                if let Err(error) = lease.evict_stale_stream(spec.slot_name()).await {
+                    warn!(pipeline = %spec.name, %error, "cannot check the slot for a stale stream");
+                }
+                info!(pipeline = %spec.name, host, "took the pipeline's lease; running it here");
+                return Some(lease);
+            }
+            Ok(None) => {
+                if !announced {
+                    info!(pipeline = %spec.name, "another host runs this pipeline; standing by");
+                    announced = true;
+                }
+                status.set_state(PipelineState::Standby);
+            }
+            Err(error) => {
+                status.set_state(PipelineState::Retrying {
+                    reason: format!("cannot reach the source to take the lease: {error}"),
+                });
+            }
+        }
+        tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => return None,
+            _ = tokio::time::sleep(LEASE_INTERVAL) => {}
+        }
+    }
+}
+
+/// Resolves once the stop is requested (or the supervisor is gone), or the lease is lost.
+async fn stop_future(mut stopping: watch::Receiver<bool>, mut lease_lost: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stopping.wait_for(|stop| *stop) => {}
+        _ = lease_lost.wait_for(|lost| *lost) => {}
+    }
+}

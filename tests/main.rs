@@ -12,3 +12,4 @@ mod openai;
 mod pipeline;
 mod qdrant;
 mod scaffold;
+mod serve;

@@ -190,6 +190,7 @@ pub fn pipeline_config(spec: &PipelineSpec) -> PipelineConfig {
     PipelineConfig {
         name: spec.name.clone(),
         plugin: spec.plugin.clone(),
+        tables: spec.tables.clone(),
         limits: Limits {
             call_timeout: Duration::from_millis(spec.call_timeout_ms),
             memory_bytes: spec.memory_limit_mb.saturating_mul(1024 * 1024),

@@ -89,6 +89,7 @@ impl Lease {
                  updated_at timestamptz NOT NULL DEFAULT now())"
             ))
             .await
+            && !lease.status_table_exists().await
         {
             warn!(
                 pipeline, %error,
@@ -98,6 +99,15 @@ impl Lease {
             lease.publishing = false;
         }
         Ok(Some(lease))
+    }
+
+    /// Whether the status table exists: after a failed `CREATE TABLE IF NOT EXISTS`, which
+    /// two hosts (or two pipelines) racing to create it can get, the other one may have.
+    async fn status_table_exists(&self) -> bool {
+        self.client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&STATUS_TABLE])
+            .await
+            .is_ok_and(|row| row.get(0))
     }
 
     /// Whether the lease's connection is still up (and so the lock still held).

@@ -73,6 +73,14 @@ pub enum PipelineFailure {
 }
 
 impl PipelineFailure {
+    /// The failure in one short line, for a status display (the log has it whole).
+    pub fn summary(&self) -> String {
+        match self {
+            PipelineFailure::Run(error) => error.summary(),
+            other => crate::error_chain::one_line(other),
+        }
+    }
+
     /// Whether only a change of its spec or plugin can fix it, so restarting is pointless.
     pub fn needs_operator(&self) -> bool {
         match self {
@@ -252,7 +260,7 @@ async fn supervise(
                 Ok(Err(failure)) => failure,
                 Err(join_error) => PipelineFailure::Panicked(join_error.to_string()),
             };
-            let reason = crate::error_chain::one_line(&failure);
+            let reason = failure.summary();
             if !policy.restart || failure.needs_operator() {
                 status.set_state(PipelineState::Failed {
                     reason: reason.clone(),
@@ -261,7 +269,8 @@ async fn supervise(
                     held.publish(&status.snapshot()).await;
                 }
                 if policy.restart {
-                    error!(pipeline = %name, error = %reason, "pipeline failed; fix its settings or plugin and restart the host");
+                    let error = crate::error_chain::one_line(&failure);
+                    error!(pipeline = %name, %error, "pipeline failed; fix its settings or plugin and restart the host");
                 }
                 break 'supervising Err(failure);
             }
@@ -274,7 +283,8 @@ async fn supervise(
                 policy.initial_backoff,
                 policy.max_backoff,
             );
-            warn!(pipeline = %name, error = %reason, ?wait, failures_in_a_row, "pipeline failed; restarting it after a wait");
+            let error = crate::error_chain::one_line(&failure);
+            warn!(pipeline = %name, %error, ?wait, failures_in_a_row, "pipeline failed; restarting it after a wait");
             status.set_state(PipelineState::Restarting { reason });
             if let Some(held) = &mut lease {
                 held.publish(&status.snapshot()).await;

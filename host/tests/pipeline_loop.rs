@@ -3,7 +3,8 @@
 //! rests on without a database: nothing is confirmed before the handler wrote it, a failing
 //! batch is retried and never confirmed, an outage is ridden out, a refusal stops at once, a
 //! lost source restarts from the last confirmed position, a stop during an outage leaves the
-//! batch for the next start, and a plugin that cannot start fails before the source is used.
+//! batch for the next start, a plugin that cannot start fails before the source is used, and a
+//! handler cannot write points of a table its pipeline does not watch.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use pgstream_host::pipeline::{
     BatchOptions, Pipeline, PipelineConfig, PipelineError, PipelineState, RetryPolicy,
 };
 use pgstream_host::point::{Point, PointKey};
-use pgstream_host::replication::ReplicationError;
+use pgstream_host::replication::{ReplicationError, TableName};
 use pgstream_host::runtime::{EngineOptions, HandleError, Limits, PluginEngine};
 use pgstream_host::sink::{Sink, SinkError};
 use pgstream_host::source::{ChangeSource, SourceError, SourceItem};
@@ -248,6 +249,10 @@ fn harness(
     let mut config = PipelineConfig {
         name: "scripted".into(),
         plugin: path,
+        tables: vec![TableName {
+            schema: "public".into(),
+            name: "documents".into(),
+        }],
         limits: Limits::default(),
         batch: BatchOptions {
             max_events: 100,
@@ -512,4 +517,37 @@ async fn a_plugin_that_cannot_start_fails_before_the_source_is_touched() {
         "the source was used: {:?}",
         journal(&log)
     );
+}
+
+#[tokio::test]
+async fn a_handler_cannot_write_points_of_a_table_its_pipeline_does_not_watch() {
+    for trespass in ["other-table", "delete-other", "truncate-other"] {
+        let rows = transaction(0x100, &[("1", "fine"), ("2", trespass)]);
+        let Harness {
+            journal: log,
+            pipeline,
+        } = harness(
+            "trespass-handler",
+            vec![vec![Scripted::Items(rows)]],
+            SinkMood::Fine,
+            |_| {},
+        );
+        let error = run(pipeline).await.unwrap_err();
+        let PipelineError::HandlerFailed {
+            attempts, error, ..
+        } = &error
+        else {
+            panic!("{trespass}: expected HandlerFailed, got {error:?}");
+        };
+        // Refused, not retried: the same call would be refused again.
+        assert_eq!(*attempts, 1, "{trespass}");
+        let message = error.to_string();
+        assert!(
+            message.contains("public.documents") && message.contains("other.documents"),
+            "{trespass}: {message}"
+        );
+        let log = journal(&log);
+        assert!(upserted(&log).is_empty(), "{trespass}: {log:?}");
+        assert!(confirmed(&log).is_empty(), "{trespass}: {log:?}");
+    }
 }

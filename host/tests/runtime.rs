@@ -376,6 +376,11 @@ async fn a_panic_is_a_trap_carrying_the_panic_text_and_poisons_the_instance() {
         "{message}"
     );
     assert!(message.contains("wasm backtrace"), "{message}");
+    // The one line a status display shows is the guest's own panic message.
+    assert_eq!(
+        error.summary(),
+        "handler trapped: trap-handler refuses content 'boom' (table public.documents)"
+    );
     assert!(instance.is_poisoned());
     assert!(matches!(
         instance.handle(&[insert(&documents, 3, "fine")]).await,

@@ -4,13 +4,21 @@
 //!
 //! Each failure is classified here, once, from the embedder's or the sink's own error type:
 //! an outage (worth retrying while it lasts) or a refusal (retrying cannot help).
+//!
+//! This is also where a handler's reach ends. Its sink namespace (table, collection, file) is
+//! fixed by the pipeline, so no import can name another; within it, a handler may write only
+//! points of the tables its pipeline watches: a write keyed to any other table (another
+//! tenant's, or one made up) is refused, so one pipeline's handler cannot overwrite or delete
+//! points that another pipeline owns in a shared store.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::embed::Embedder;
 use crate::point::{Point, PointKey};
+use crate::replication::TableName;
 use crate::runtime::{HostImports, ImportError, ImportErrorKind};
 use crate::sink::Sink;
 
@@ -18,12 +26,44 @@ use crate::sink::Sink;
 pub struct PipelineImports {
     embedder: Arc<dyn Embedder>,
     sink: Arc<dyn Sink>,
+    /// The (schema, table) pairs whose points the handler may write.
+    tables: HashSet<(String, String)>,
 }
 
 impl PipelineImports {
-    /// Wires an embedder and a sink.
-    pub fn new(embedder: Arc<dyn Embedder>, sink: Arc<dyn Sink>) -> PipelineImports {
-        PipelineImports { embedder, sink }
+    /// Wires an embedder and a sink for a handler that may write points of `tables` only.
+    pub fn new(
+        embedder: Arc<dyn Embedder>,
+        sink: Arc<dyn Sink>,
+        tables: &[TableName],
+    ) -> PipelineImports {
+        let tables = tables
+            .iter()
+            .map(|table| (table.schema.clone(), table.name.clone()))
+            .collect();
+        PipelineImports {
+            embedder,
+            sink,
+            tables,
+        }
+    }
+
+    /// Refuses a write for a table the pipeline does not watch.
+    fn check_table(&self, schema: &str, table: &str) -> Result<(), ImportError> {
+        if self.tables.contains(&(schema.to_owned(), table.to_owned())) {
+            return Ok(());
+        }
+        let mut watched: Vec<String> = self
+            .tables
+            .iter()
+            .map(|(schema, table)| format!("{schema}.{table}"))
+            .collect();
+        watched.sort();
+        Err(ImportError::refused(format!(
+            "the handler may write points of its pipeline's tables only ({}); it asked to \
+             write points of {schema}.{table}",
+            watched.join(", ")
+        )))
     }
 }
 
@@ -50,6 +90,9 @@ impl HostImports for PipelineImports {
     }
 
     async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError> {
+        for point in &points {
+            self.check_table(&point.key.schema, &point.key.table)?;
+        }
         self.sink
             .upsert(&points)
             .await
@@ -57,6 +100,9 @@ impl HostImports for PipelineImports {
     }
 
     async fn delete(&self, keys: Vec<PointKey>) -> Result<(), ImportError> {
+        for key in &keys {
+            self.check_table(&key.schema, &key.table)?;
+        }
         self.sink
             .delete(&keys)
             .await
@@ -64,6 +110,7 @@ impl HostImports for PipelineImports {
     }
 
     async fn delete_table(&self, schema: String, table: String) -> Result<(), ImportError> {
+        self.check_table(&schema, &table)?;
         self.sink
             .delete_table(&schema, &table)
             .await

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::embed::Embedder;
 use crate::event::ChangeEvent;
 use crate::lsn::Lsn;
+use crate::replication::TableName;
 use crate::runtime::{HandleError, HandlerInstance, ImportErrorKind, Limits, Plugin, RuntimeError};
 use crate::sink::{Sink, SinkError};
 use crate::source::{ChangeSource, SourceError, SourceItem};
@@ -107,6 +108,8 @@ pub struct PipelineConfig {
     pub name: String,
     /// The handler component's file, for errors and the plugin's log name.
     pub plugin: PathBuf,
+    /// The tables the pipeline watches: its handler may write points of these only.
+    pub tables: Vec<TableName>,
     /// Limits on each handler call.
     pub limits: Limits,
     /// Batching.
@@ -163,6 +166,22 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// The error in one short line, for a status display (the log has it whole).
+    pub fn summary(&self) -> String {
+        match self {
+            PipelineError::HandlerFailed {
+                attempts,
+                first_lsn,
+                error,
+                ..
+            } => format!(
+                "the handler failed {attempts} times on the batch at {first_lsn}: {}",
+                error.summary()
+            ),
+            other => crate::error_chain::one_line(other),
+        }
+    }
+
     /// Whether starting the pipeline again later may succeed without anyone changing
     /// anything: a dependency that was down for too long, or a source that was lost.
     pub fn is_retryable(&self) -> bool {
@@ -212,7 +231,11 @@ impl Pipeline {
         source: Box<dyn ChangeSource>,
     ) -> Pipeline {
         let dimensions = embedder.dimensions();
-        let imports = Arc::new(PipelineImports::new(embedder.clone(), sink.clone()));
+        let imports = Arc::new(PipelineImports::new(
+            embedder.clone(),
+            sink.clone(),
+            &config.tables,
+        ));
         let status = StatusHandle::new(&config.name);
         Pipeline {
             config,
@@ -614,7 +637,10 @@ impl Pipeline {
             };
             let wait = match &outage {
                 Some(outage) => {
-                    let reason = format!("the embedder or the sink is unavailable: {error}");
+                    let reason = format!(
+                        "the embedder or the sink is unavailable: {}",
+                        error.summary()
+                    );
                     self.status.set_state(PipelineState::Retrying {
                         reason: reason.clone(),
                     });
@@ -642,8 +668,9 @@ impl Pipeline {
                     let wait = config.retry.backoff(attempt);
                     self.status.set_state(PipelineState::Retrying {
                         reason: format!(
-                            "handler failed (attempt {attempt} of {}): {error}",
-                            config.retry.max_attempts
+                            "handler failed (attempt {attempt} of {}): {}",
+                            config.retry.max_attempts,
+                            error.summary()
                         ),
                     });
                     warn!(

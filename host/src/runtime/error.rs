@@ -59,6 +59,9 @@ pub enum RuntimeError {
     },
 }
 
+/// Where a trap report's guest stderr starts.
+pub(crate) const GUEST_STDERR_HEADING: &str = "\nguest stderr:\n";
+
 /// One `handle` call failed.
 ///
 /// After [`HandleError::GuestError`] the instance may be called again; after any other
@@ -101,6 +104,36 @@ pub enum HandleError {
 }
 
 impl HandleError {
+    /// The failure in one short line, for a status display: for a trap, the guest's panic
+    /// message when it printed one (a Rust guest's `panicked at ...:` line is followed by it),
+    /// else wasmtime's `wasm trap:` line; the full text stays in the log.
+    pub fn summary(&self) -> String {
+        let HandleError::Trap { message } = self else {
+            return self
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        };
+        let (trap, stderr) = message
+            .split_once(GUEST_STDERR_HEADING)
+            .unwrap_or((message, ""));
+        let mut stderr_lines = stderr.lines().map(str::trim);
+        let panic = stderr_lines
+            .by_ref()
+            .find(|line| line.contains("panicked at"))
+            .and_then(|_| stderr_lines.find(|line| !line.is_empty()));
+        let cause = || {
+            trap.lines()
+                .map(str::trim)
+                .find(|line| line.starts_with("wasm trap:"))
+                .or_else(|| trap.lines().next())
+                .unwrap_or_default()
+        };
+        format!("handler trapped: {}", panic.unwrap_or_else(cause))
+    }
+
     /// Whether the instance that returned this error must be dropped: true for everything but
     /// [`HandleError::GuestError`] and [`HandleError::IgnoredHostFailure`].
     pub fn is_poisoned(&self) -> bool {

@@ -17,6 +17,8 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
+use super::log_budget::{Admission, LogBudget, report_dropped};
+
 /// A line longer than this is logged in pieces, so a guest printing without newlines cannot
 /// make the host buffer without bound.
 const MAX_LINE_BYTES: usize = 8 * 1024;
@@ -43,6 +45,8 @@ pub(crate) struct GuestOutput {
 struct OutputState {
     kind: StreamKind,
     log_target: Arc<str>,
+    /// Shared with the instance's other stream and its `log` import.
+    budget: Arc<LogBudget>,
     /// The current, not yet terminated line.
     line: Vec<u8>,
     /// The last bytes written to stderr since the last [`GuestOutput::take_tail`].
@@ -50,11 +54,16 @@ struct OutputState {
 }
 
 impl GuestOutput {
-    pub(crate) fn new(kind: StreamKind, log_target: Arc<str>) -> GuestOutput {
+    pub(crate) fn new(
+        kind: StreamKind,
+        log_target: Arc<str>,
+        budget: Arc<LogBudget>,
+    ) -> GuestOutput {
         GuestOutput {
             state: Arc::new(Mutex::new(OutputState {
                 kind,
                 log_target,
+                budget,
                 line: Vec::new(),
                 tail: VecDeque::new(),
             })),
@@ -107,9 +116,16 @@ impl OutputState {
         if self.line.is_empty() {
             return;
         }
+        let plugin = &*self.log_target;
+        match self.budget.admit() {
+            Admission::Drop => {
+                self.line.clear();
+                return;
+            }
+            Admission::Log { dropped } => report_dropped(plugin, dropped),
+        }
         let text = String::from_utf8_lossy(&self.line);
         let text = text.trim_end_matches('\r');
-        let plugin = &*self.log_target;
         match self.kind {
             StreamKind::Stdout => {
                 tracing::info!(target: "pgstream::plugin", plugin, stream = "stdout", "{text}")
@@ -183,7 +199,11 @@ mod tests {
 
     #[test]
     fn stderr_tail_keeps_the_latest_bytes_across_partial_writes() {
-        let output = GuestOutput::new(StreamKind::Stderr, Arc::from("p/plugin"));
+        let output = GuestOutput::new(
+            StreamKind::Stderr,
+            Arc::from("p/plugin"),
+            Arc::new(LogBudget::new()),
+        );
         output.write_bytes(b"thread panicked at src/lib.rs:\nbo");
         output.write_bytes(b"om\n");
         assert_eq!(output.take_tail(), "thread panicked at src/lib.rs:\nboom\n");
@@ -199,7 +219,11 @@ mod tests {
 
     #[test]
     fn stdout_keeps_no_tail() {
-        let output = GuestOutput::new(StreamKind::Stdout, Arc::from("p/plugin"));
+        let output = GuestOutput::new(
+            StreamKind::Stdout,
+            Arc::from("p/plugin"),
+            Arc::new(LogBudget::new()),
+        );
         output.write_bytes(b"hello\n");
         assert_eq!(output.take_tail(), "");
     }

@@ -20,6 +20,7 @@ use super::bindings::pgstream::handler::types::{
     Error as WitError, LogLevel, Point as WitPoint, PointKey as WitPointKey,
 };
 use super::limits::CallClock;
+use super::log_budget::{Admission, LogBudget, report_dropped};
 use crate::point::{Point, PointKey};
 
 /// Whether a failed host import may succeed when tried again.
@@ -91,6 +92,8 @@ pub(crate) struct HostState {
     /// The worst import failure of the current call (a refusal outweighs an outage; the first
     /// of its kind is kept).
     failure: Option<ImportError>,
+    /// Shared with the instance's stdout and stderr.
+    log_budget: Arc<LogBudget>,
 }
 
 impl HostState {
@@ -98,12 +101,14 @@ impl HostState {
         imports: Arc<dyn HostImports>,
         log_target: Arc<str>,
         clock: Arc<CallClock>,
+        log_budget: Arc<LogBudget>,
     ) -> HostState {
         HostState {
             imports,
             log_target,
             clock,
             failure: None,
+            log_budget,
         }
     }
 
@@ -150,6 +155,9 @@ fn point_key(key: WitPointKey) -> PointKey {
         key: key.key,
     }
 }
+
+/// Longest `log` message kept whole, in characters; longer ones are cut.
+const MAX_LOG_MESSAGE_CHARS: usize = 8 * 1024;
 
 /// Most texts one `embed` call may pass (documented in the WIT).
 pub const MAX_EMBED_TEXTS: usize = 100_000;
@@ -213,6 +221,15 @@ impl Host for HostState {
 
     async fn log(&mut self, level: LogLevel, message: String) {
         let plugin = &*self.log_target;
+        match self.log_budget.admit() {
+            Admission::Drop => return,
+            Admission::Log { dropped } => report_dropped(plugin, dropped),
+        }
+        // One line of the log is not a place for megabytes.
+        let message = match message.char_indices().nth(MAX_LOG_MESSAGE_CHARS) {
+            Some((cut, _)) => format!("{}... ({} bytes in all)", &message[..cut], message.len()),
+            None => message,
+        };
         // `tracing` needs the level as a constant, hence one macro call per level.
         match level {
             LogLevel::Trace => tracing::trace!(target: "pgstream::plugin", plugin, "{message}"),

@@ -8,7 +8,7 @@ use wasmtime::Store;
 use wasmtime::component::Func;
 
 use super::engine::{EPOCH_TICK, EngineShared};
-use super::error::HandleError;
+use super::error::{GUEST_STDERR_HEADING, HandleError};
 use super::event_records::{BatchRecords, HandleParams, HandleResults};
 use super::guest_output::GuestOutput;
 use super::host_imports::ImportError;
@@ -151,7 +151,7 @@ impl HandlerInstance {
         let stderr = self.stderr.take_tail();
         let stderr = stderr.trim();
         if !stderr.is_empty() {
-            message.push_str("\nguest stderr:\n");
+            message.push_str(GUEST_STDERR_HEADING);
             message.push_str(stderr);
         }
         HandleError::Trap { message }

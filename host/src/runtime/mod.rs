@@ -22,6 +22,7 @@ mod guest_output;
 mod host_imports;
 mod instance;
 mod limits;
+mod log_budget;
 mod plugin;
 
 pub use engine::{EngineOptions, PluginEngine};

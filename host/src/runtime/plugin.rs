@@ -21,6 +21,7 @@ use super::guest_output::{GuestOutput, StreamKind};
 use super::host_imports::{HostImports, HostState};
 use super::instance::HandlerInstance;
 use super::limits::{CallClock, GuestLimiter, Limits};
+use super::log_budget::LogBudget;
 
 /// Slack beyond the call timeout for instantiating a component (mapping its memories and
 /// running its start code).
@@ -98,8 +99,9 @@ impl Plugin {
         log_target: &str,
     ) -> Result<HandlerInstance, RuntimeError> {
         let log_target: Arc<str> = Arc::from(log_target);
-        let stdout = GuestOutput::new(StreamKind::Stdout, log_target.clone());
-        let stderr = GuestOutput::new(StreamKind::Stderr, log_target.clone());
+        let budget = Arc::new(LogBudget::new());
+        let stdout = GuestOutput::new(StreamKind::Stdout, log_target.clone(), budget.clone());
+        let stderr = GuestOutput::new(StreamKind::Stderr, log_target.clone(), budget.clone());
         // `WasiCtxBuilder` starts with no preopens, no environment and no arguments; sockets
         // are switched off explicitly rather than relying on the address check alone.
         let wasi = WasiCtx::builder()
@@ -113,7 +115,7 @@ impl Plugin {
         let state = StoreState {
             wasi,
             table: ResourceTable::new(),
-            host: HostState::new(imports, log_target.clone(), clock.clone()),
+            host: HostState::new(imports, log_target.clone(), clock.clone(), budget),
             limiter: GuestLimiter::new(limits.memory_bytes),
             clock: clock.clone(),
             call_timeout: limits.call_timeout,

@@ -9,9 +9,161 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the host with `args` to completion: (succeeded, everything it printed).
 async fn run(args: &[&str]) -> (bool, String) {
-    let mut host = HostProcess::start(args).expect("start the host");
+    run_with_env(args, &[]).await
+}
+
+/// [`run`] with environment variables set.
+async fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = HostProcess::command();
+    command.args(args).envs(env.iter().copied());
+    let mut host = HostProcess::spawn(command).expect("start the host");
     let status = host.wait_timeout(TIMEOUT).await.expect("the host exits");
     (status.success(), host.log())
+}
+
+/// The password in [`malformed_dsns`], and the second half of it where an unquoted space cuts
+/// it in two.
+const PASSWORD: &str = "S3cr3tPW";
+const PASSWORD_TAIL: &str = "Tail4711";
+
+/// Every way of getting a DSN wrong that came to mind, each with the password in it.
+fn malformed_dsns() -> Vec<String> {
+    let url = "postgres:S3cr3tPW@127.0.0.1:1/postgres";
+    let pairs = "host=127.0.0.1 port=1 user=postgres";
+    let mut dsns: Vec<String> = [
+        // Another scheme, a mistyped or missing prefix.
+        "mysql://",
+        "MySQL://",
+        "Postgresql://",
+        "POSTGRES://",
+        "postgresql+psycopg2://",
+        "postgresql//",
+        "postgresql:/",
+        "postgresql:",
+        "postgres//",
+        "//",
+        "",
+    ]
+    .iter()
+    .map(|prefix| format!("{prefix}{url}"))
+    .collect();
+    dsns.extend(
+        [
+            "jdbc:postgresql://127.0.0.1:1/postgres?user=postgres&password=S3cr3tPW",
+            "jdbc:postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres",
+            // URLs that go wrong after the password.
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:notaport/postgres",
+            "postgresql://postgres:S3cr3tPW@[::1/postgres",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres?sslmode=sometimes",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres?no_such_option=1",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres?S3cr3tPW",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres?password",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres?application_name=%FF",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "postgresql://postgres:S3cr3tPW@/postgres",
+            "postgresql://:S3cr3tPW@127.0.0.1:1/postgres",
+            "postgresql://postgres:S3cr3tPW%ZZ@127.0.0.1:1/postgres",
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1,127.0.0.2:1:1/postgres",
+            // Characters that should have been percent-encoded in the password.
+            "postgresql://postgres:p@S3cr3tPW@127.0.0.1:1/postgres",
+            "postgresql://postgres:S3cr3tPW@@127.0.0.1:1/postgres",
+            "postgresql://postgres:p/S3cr3tPW@127.0.0.1:1/postgres",
+            "postgresql://postgres:p?S3cr3tPW@127.0.0.1:1/postgres",
+            "postgresql://postgres:p#S3cr3tPW@127.0.0.1:1/postgres",
+            "postgresql://postgres:S3cr3tPW Tail4711@127.0.0.1:1/postgres",
+            // A well-formed DSN for a server that is not there.
+            "postgresql://postgres:S3cr3tPW@127.0.0.1:1/postgres",
+            // Just the password.
+            "S3cr3tPW",
+            "password=S3cr3tPW",
+        ]
+        .map(str::to_owned),
+    );
+    dsns.extend(
+        [
+            "password=S3cr3tPW sslmode=sometimes",
+            "password=S3cr3tPW no_such_option=1",
+            "password=S3cr3tPW Tail4711",
+            "password=S3cr3tPW Tail4711 dbname=postgres",
+            "password='S3cr3tPW",
+            "password='S3cr3tPW Tail4711",
+            "password=\"S3cr3tPW Tail4711\"",
+            "password S3cr3tPW",
+            "password: S3cr3tPW",
+            "password=S3cr3tPW port=x",
+            "password=S3cr3tPW connect_timeout=soon",
+            "password=S3cr3tPW sslmode=x\\ Tail4711",
+            "password=S3cr3tPW sslmode=verify-full sslrootcert=/nonexistent/ca.pem",
+            "password=S3cr3tPW dbname='x password=Tail4711'",
+            ",password=S3cr3tPW",
+        ]
+        .map(|rest| format!("{pairs} {rest}")),
+    );
+    dsns.extend([
+        "host=127.0.0.1,port=1,user=postgres,password=S3cr3tPW".to_owned(),
+        "host=127.0.0.1;port=1;user=postgres;password=S3cr3tPW".to_owned(),
+        "user=postgres password=S3cr3tPW".to_owned(),
+        "host=127.0.0.1 password=S3cr3tPW".to_owned(),
+        format!("  {url}  "),
+    ]);
+    dsns
+}
+
+#[tokio::test]
+async fn no_error_shows_a_password_however_malformed_the_dsn() {
+    let assert_hidden = |dsn: &str, way: &str, log: &str| {
+        for secret in [PASSWORD, PASSWORD_TAIL] {
+            assert!(
+                !log.contains(secret),
+                "the password leaked with {way} {dsn:?}:\n{log}"
+            );
+        }
+    };
+    let unreachable_source = "postgresql://postgres@127.0.0.1:1/postgres";
+    for dsn in malformed_dsns() {
+        let (ok, log) = run(&["check", "--dsn", &dsn, "--table", "docs"]).await;
+        assert!(!ok, "--dsn {dsn:?} worked:\n{log}");
+        assert_hidden(&dsn, "--dsn", &log);
+
+        let (ok, log) =
+            run_with_env(&["check", "--table", "docs"], &[("PGSTREAM_DSN", &dsn)]).await;
+        assert!(!ok, "PGSTREAM_DSN={dsn:?} worked:\n{log}");
+        assert_hidden(&dsn, "PGSTREAM_DSN", &log);
+
+        let (ok, log) = run(&[
+            "--dsn",
+            unreachable_source,
+            "--sink-dsn",
+            &dsn,
+            "--table",
+            "docs",
+            "--embedder",
+            "none",
+            "--plugin",
+            "/nonexistent/handler.wasm",
+        ])
+        .await;
+        assert!(!ok, "--sink-dsn {dsn:?} worked:\n{log}");
+        assert_hidden(&dsn, "--sink-dsn", &log);
+    }
+    // The sink DSN was looked at, not skipped for an earlier error.
+    let (_, log) = run(&[
+        "--dsn",
+        unreachable_source,
+        "--sink-dsn",
+        "mysql://postgres:S3cr3tPW@127.0.0.1:1/postgres",
+        "--table",
+        "docs",
+        "--embedder",
+        "none",
+        "--plugin",
+        "/nonexistent/handler.wasm",
+    ])
+    .await;
+    assert!(
+        log.contains("--sink-dsn") && log.contains("mysql://"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

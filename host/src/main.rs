@@ -672,7 +672,8 @@ fn build_sink(args: &Args, source_dsn: &str, first_table: &TableName) -> Result<
     match args.sink {
         SinkKind::Pgvector => {
             let dsn = args.sink_dsn.as_deref().unwrap_or(source_dsn);
-            let sink_source = SourceConfig::from_dsn(dsn)?;
+            let sink_source = SourceConfig::from_dsn(dsn)
+                .context("--sink-dsn (PGSTREAM_SINK_DSN) is not a usable connection string")?;
             let collection = collection_table(args, first_table)?;
             let pool = sink_source.pool(4, Duration::from_secs(60))?;
             Ok(Arc::new(PgVectorSink::new(

@@ -167,6 +167,48 @@ async fn no_error_shows_a_password_however_malformed_the_dsn() {
 }
 
 #[tokio::test]
+async fn limits_that_cannot_work_are_refused_naming_the_flag() {
+    for (flag, value) in [
+        ("--batch-size", "0"),
+        ("--call-timeout-ms", "0"),
+        ("--memory-limit-mb", "0"),
+        ("--max-attempts", "0"),
+        ("--retry-backoff-ms", "0"),
+        ("--progress-secs", "0"),
+        ("--qdrant-timeout-ms", "0"),
+        ("--qdrant-max-attempts", "0"),
+        ("--embed-threads", "0"),
+        ("--embed-cache-max-mb", "8"),
+        ("--dimensions", "0"),
+        ("--openai-max-inputs", "0"),
+        ("--openai-max-tokens", "0"),
+        ("--openai-concurrency", "0"),
+        ("--openai-timeout-ms", "0"),
+        ("--batch-size", "-1"),
+    ] {
+        let setting = format!("{flag}={value}");
+        let (ok, log) = run(&["check", &setting, "--table", "docs"]).await;
+        assert!(!ok, "{setting} was accepted:\n{log}");
+        assert!(
+            log.contains(&format!("'{flag} <")),
+            "the error names {flag}:\n{log}"
+        );
+    }
+    let (ok, log) = run(&["search", "--limit=0", "query"]).await;
+    assert!(!ok && log.contains("'--limit <"), "{log}");
+    let (ok, log) = run_with_env(&["check"], &[("PGSTREAM_BATCH_SIZE", "0")]).await;
+    assert!(!ok && log.contains("'--batch-size <"), "{log}");
+    // Zero makes sense for these: hand over what arrived, and do not wait out outages.
+    for setting in ["--batch-wait-ms=0", "--outage-limit-secs=0"] {
+        let (ok, log) = run(&["check", setting, "--table", "docs"]).await;
+        assert!(
+            !ok && log.contains("no source database"),
+            "{setting}:\n{log}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn help_documents_every_flag_with_its_environment_variable() {
     let (ok, help) = run(&["--help"]).await;
     assert!(ok, "{help}");

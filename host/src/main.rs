@@ -68,7 +68,7 @@ enum PipelineCommand {
         /// The text to search for.
         query: String,
         /// How many points to print.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = at_least::<i64, 1>)]
         limit: i64,
     },
 }
@@ -178,7 +178,8 @@ struct Args {
         long,
         env = "PGSTREAM_QDRANT_TIMEOUT_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     qdrant_timeout_ms: u64,
 
@@ -187,7 +188,8 @@ struct Args {
         long,
         env = "PGSTREAM_QDRANT_MAX_ATTEMPTS",
         default_value_t = 5,
-        global = true
+        global = true,
+        value_parser = at_least::<u32, 1>
     )]
     qdrant_max_attempts: u32,
 
@@ -212,7 +214,7 @@ struct Args {
     model_dir: Option<PathBuf>,
 
     /// Threads the embedding model may use.
-    #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true)]
+    #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true, value_parser = at_least::<usize, 1>)]
     embed_threads: usize,
 
     /// File of the on-disk embedding cache: text already embedded by the same model is read
@@ -226,14 +228,15 @@ struct Args {
         long,
         env = "PGSTREAM_EMBED_CACHE_MAX_MB",
         default_value_t = 1024,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 16>
     )]
     embed_cache_max_mb: u64,
 
     /// Vector size. With --embedder none: the size the sink is prepared for [default: 384].
     /// With --embedder openai: the `dimensions` sent to models that can shorten their vectors
     /// (text-embedding-3-*) [default: the model's own size, asked with one request at start].
-    #[arg(long, env = "PGSTREAM_DIMENSIONS", global = true)]
+    #[arg(long, env = "PGSTREAM_DIMENSIONS", global = true, value_parser = at_least::<usize, 1>)]
     dimensions: Option<usize>,
 
     /// OpenAI-compatible server root; requests go to <url>/v1/embeddings (a trailing /v1 is
@@ -248,21 +251,21 @@ struct Args {
 
     /// Most texts per embeddings request (OpenAI allows 2048; text-embeddings-inference 32
     /// unless started with a larger --max-client-batch-size).
-    #[arg(long, env = "PGSTREAM_OPENAI_MAX_INPUTS", default_value_t = openai_defaults().max_inputs_per_request, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_MAX_INPUTS", default_value_t = openai_defaults().max_inputs_per_request, global = true, value_parser = at_least::<usize, 1>)]
     openai_max_inputs: usize,
 
     /// Most estimated tokens (UTF-8 bytes / 4) per embeddings request (OpenAI allows 300,000
     /// real tokens; the default leaves room for the estimate being low).
-    #[arg(long, env = "PGSTREAM_OPENAI_MAX_TOKENS", default_value_t = openai_defaults().max_tokens_per_request, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_MAX_TOKENS", default_value_t = openai_defaults().max_tokens_per_request, global = true, value_parser = at_least::<usize, 1>)]
     openai_max_tokens: usize,
 
     /// Most embeddings requests in flight at once.
-    #[arg(long, env = "PGSTREAM_OPENAI_CONCURRENCY", default_value_t = openai_defaults().max_concurrent_requests, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_CONCURRENCY", default_value_t = openai_defaults().max_concurrent_requests, global = true, value_parser = at_least::<usize, 1>)]
     openai_concurrency: usize,
 
     /// Longest one embeddings request may take, in milliseconds; a request that times out is
     /// retried.
-    #[arg(long, env = "PGSTREAM_OPENAI_TIMEOUT_MS", default_value_t = openai_defaults().request_timeout.as_millis() as u64, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_TIMEOUT_MS", default_value_t = openai_defaults().request_timeout.as_millis() as u64, global = true, value_parser = at_least::<u64, 1>)]
     openai_timeout_ms: u64,
 
     /// Most events per handler call.
@@ -270,7 +273,8 @@ struct Args {
         long,
         env = "PGSTREAM_BATCH_SIZE",
         default_value_t = 1000,
-        global = true
+        global = true,
+        value_parser = at_least::<usize, 1>
     )]
     batch_size: usize,
 
@@ -288,7 +292,8 @@ struct Args {
         long,
         env = "PGSTREAM_CALL_TIMEOUT_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     call_timeout_ms: u64,
 
@@ -297,7 +302,8 @@ struct Args {
         long,
         env = "PGSTREAM_MEMORY_LIMIT_MB",
         default_value_t = 256,
-        global = true
+        global = true,
+        value_parser = at_least::<usize, 1>
     )]
     memory_limit_mb: usize,
 
@@ -308,7 +314,8 @@ struct Args {
         long,
         env = "PGSTREAM_MAX_ATTEMPTS",
         default_value_t = 5,
-        global = true
+        global = true,
+        value_parser = at_least::<u32, 1>
     )]
     max_attempts: u32,
 
@@ -318,7 +325,8 @@ struct Args {
         long,
         env = "PGSTREAM_RETRY_BACKOFF_MS",
         default_value_t = 500,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     retry_backoff_ms: u64,
 
@@ -346,9 +354,25 @@ struct Args {
         long,
         env = "PGSTREAM_PROGRESS_SECS",
         default_value_t = 10,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     progress_secs: u64,
+}
+
+/// A value parser for numbers of at least `MIN`. A zero batch size, timeout, limit or number
+/// of tries cannot work, so it is refused as the flags are read, with the flag's name, rather
+/// than raised to 1 behind the operator's back or found out at the first event.
+fn at_least<T, const MIN: u8>(text: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    let value: T = text.parse().map_err(|error: T::Err| error.to_string())?;
+    if value < T::from(MIN) {
+        return Err(format!("must be at least {MIN}"));
+    }
+    Ok(value)
 }
 
 /// The embedder's own defaults, shown by `--help`.
@@ -475,7 +499,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             let (hits, collection) = match args.sink {
                 SinkKind::Qdrant => {
                     let sink = qdrant_sink(&args, &tables[0])?;
-                    let hits = sink.search(vector, limit.max(0) as u64).await?;
+                    let hits = sink.search(vector, u64::try_from(limit)?).await?;
                     (hits, qdrant_collection(&args, &tables[0]))
                 }
                 SinkKind::Pgvector => {
@@ -553,14 +577,14 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                     max_wait: Duration::from_millis(args.batch_wait_ms),
                 },
                 retry: RetryPolicy {
-                    max_attempts: args.max_attempts.max(1),
+                    max_attempts: args.max_attempts,
                     initial_backoff: Duration::from_millis(args.retry_backoff_ms),
                     outage_limit: Duration::from_secs(args.outage_limit_secs),
                     ..RetryPolicy::default()
                 },
                 stop_at: args.stop_at_lsn,
                 stream: StreamOptions::default(),
-                progress_interval: Duration::from_secs(args.progress_secs.max(1)),
+                progress_interval: Duration::from_secs(args.progress_secs),
             };
             // Compiling a plugin that is not in the cache takes seconds of CPU: keep it off the
             // (single) async thread.
@@ -640,7 +664,7 @@ async fn build_embedder(args: &Args) -> Result<Arc<dyn Embedder>> {
                  tokenizer.json and model.safetensors) or run `make setup`",
             )?;
             let options = MiniLmOptions {
-                threads: args.embed_threads.max(1),
+                threads: args.embed_threads,
                 ..MiniLmOptions::default()
             };
             // Reading 90 MB of weights takes a moment: off the (single) async thread, so the
@@ -707,8 +731,8 @@ fn qdrant_sink(args: &Args, first_table: &TableName) -> Result<QdrantSink> {
     options.api_key = std::env::var(QDRANT_API_KEY_VAR)
         .ok()
         .filter(|key| !key.is_empty());
-    options.timeout = Duration::from_millis(args.qdrant_timeout_ms.max(1));
-    options.max_attempts = args.qdrant_max_attempts.max(1);
+    options.timeout = Duration::from_millis(args.qdrant_timeout_ms);
+    options.max_attempts = args.qdrant_max_attempts;
     options.create_collection = args.create_collection;
     Ok(QdrantSink::new(options)?)
 }

@@ -209,6 +209,49 @@ async fn limits_that_cannot_work_are_refused_naming_the_flag() {
 }
 
 #[tokio::test]
+async fn setup_with_a_name_postgres_refuses_leaves_nothing_behind() {
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    db.client()
+        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY);")
+        .await
+        .unwrap();
+    let (ok, log) = run(&[
+        "setup",
+        "--dsn",
+        db.dsn(),
+        "--table",
+        "docs",
+        "--name",
+        "My-Pipeline",
+    ])
+    .await;
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("--name") && log.contains("my_pipeline"),
+        "the error names the flag and a name that works:\n{log}"
+    );
+    let publications: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0, "setup left a publication behind");
+
+    let (ok, log) = run(&[
+        "setup",
+        "--dsn",
+        db.dsn(),
+        "--table",
+        "docs",
+        "--slot",
+        &"s".repeat(64),
+    ])
+    .await;
+    assert!(!ok && log.contains("--slot"), "{log}");
+}
+
+#[tokio::test]
 async fn help_documents_every_flag_with_its_environment_variable() {
     let (ok, help) = run(&["--help"]).await;
     assert!(ok, "{help}");
@@ -323,5 +366,19 @@ async fn setup_is_idempotent_and_teardown_removes_the_slot() {
 
     let (ok, log) = run(&[&["teardown"], &args[..]].concat()).await;
     assert!(ok, "{log}");
+    assert!(
+        log.contains(&format!("dropped slot {name}"))
+            && log.contains(&format!("dropped publication {name}")),
+        "{log}"
+    );
     assert_eq!(slots().await, 0);
+
+    // Nothing is left to drop, and teardown says so rather than claim it dropped something.
+    let (ok, log) = run(&[&["teardown"], &args[..]].concat()).await;
+    assert!(ok, "{log}");
+    assert!(
+        log.contains(&format!("no slot {name} to drop"))
+            && log.contains(&format!("no publication {name} to drop")),
+        "{log}"
+    );
 }

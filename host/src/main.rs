@@ -437,11 +437,7 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
         "--dsn (PGSTREAM_DSN) is not a usable connection string; expected \
          postgresql://user:password@host:port/dbname or key=value pairs",
     )?;
-    let slot = args.slot.clone().unwrap_or_else(|| args.name.clone());
-    let publication = args
-        .publication
-        .clone()
-        .unwrap_or_else(|| args.name.clone());
+    let (slot, publication) = slot_and_publication(&args)?;
     let tables = args
         .tables
         .iter()
@@ -484,8 +480,19 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
         }
         PipelineCommand::Teardown => {
             let client = source.connect_sql().await?;
-            replication::teardown(&client, &slot, &publication).await?;
-            println!("dropped slot {slot} and publication {publication}");
+            let report = replication::teardown(&client, &slot, &publication).await?;
+            let outcome = |dropped: bool, what: &str, name: &str| {
+                if dropped {
+                    format!("dropped {what} {name}")
+                } else {
+                    format!("no {what} {name} to drop")
+                }
+            };
+            println!(
+                "{}; {}",
+                outcome(report.slot_dropped, "slot", &slot),
+                outcome(report.publication_dropped, "publication", &publication)
+            );
             Ok(())
         }
         PipelineCommand::Search { query, limit } => {
@@ -641,6 +648,24 @@ fn new_project(language: Language, name: &str) -> Result<()> {
         "  pgstream-host --dsn postgresql://user:pass@localhost/db --table docs --plugin {name}.wasm"
     );
     Ok(())
+}
+
+/// The slot and publication names, checked before anything runs, so a name Postgres would
+/// refuse is reported with the flag it came from rather than halfway through a setup.
+fn slot_and_publication(args: &Args) -> Result<(String, String)> {
+    let name_flag = "--name (PGSTREAM_NAME), which names the slot and the publication unless \
+                     --slot and --publication are given";
+    let (slot, slot_flag) = match &args.slot {
+        Some(slot) => (slot.clone(), "--slot (PGSTREAM_SLOT)"),
+        None => (args.name.clone(), name_flag),
+    };
+    let (publication, publication_flag) = match &args.publication {
+        Some(publication) => (publication.clone(), "--publication (PGSTREAM_PUBLICATION)"),
+        None => (args.name.clone(), name_flag),
+    };
+    replication::validate_slot_name(&slot).context(slot_flag)?;
+    replication::validate_publication_name(&publication).context(publication_flag)?;
+    Ok((slot, publication))
 }
 
 fn require_tables(tables: &[TableName]) -> Result<()> {

@@ -209,6 +209,15 @@ async fn limits_that_cannot_work_are_refused_naming_the_flag() {
 }
 
 #[tokio::test]
+async fn verify_full_against_a_server_without_tls_says_it_has_no_tls() {
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    let dsn = format!("{}?sslmode=verify-full", db.dsn());
+    let (ok, log) = run(&["check", "--dsn", &dsn, "--table", "docs"]).await;
+    assert!(!ok, "{log}");
+    assert!(log.contains("does not accept TLS"), "{log}");
+}
+
+#[tokio::test]
 async fn setup_with_a_name_postgres_refuses_leaves_nothing_behind() {
     let db = PgServer::shared(PgVersion::Pg15).create_database().await;
     db.client()

@@ -826,6 +826,44 @@ async fn setup_that_cannot_create_the_slot_leaves_nothing_behind() -> Result<()>
     Ok(())
 }
 
+/// `sslmode=require` and stricter against a server without TLS say that the server does not
+/// do TLS, on the SQL connection (tokio-postgres) as on the replication connection (ours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_tls_is_named_as_such() -> Result<()> {
+    let Some(pg) = shared() else { return Ok(()) };
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let source =
+            SourceConfig::from_dsn(&pg.dsn("postgres", "postgres", &format!("sslmode={mode}")))?;
+        let sql = source
+            .connect_sql()
+            .await
+            .err()
+            .with_context(|| format!("sslmode={mode}: SQL connected without TLS"))?;
+        let stream = ReplicationStream::start(
+            &source,
+            "no_tls_slot",
+            "no_tls_pub",
+            Lsn::ZERO,
+            fast_status(),
+        )
+        .await
+        .err()
+        .with_context(|| format!("sslmode={mode}: stream started without TLS"))?;
+        for error in [sql, stream] {
+            assert!(
+                matches!(error, ReplicationError::TlsRefused { .. }),
+                "sslmode={mode}: {error:?}"
+            );
+            assert!(
+                error.to_string().contains("does not accept TLS"),
+                "sslmode={mode}: {error}"
+            );
+            assert!(!error.is_retryable(), "sslmode={mode}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_explains_missing_privilege_primary_key_and_table() -> Result<()> {
     let Some(pg) = shared() else { return Ok(()) };

@@ -285,32 +285,40 @@ impl SourceConfig {
     /// task that drives it; the task ends when the returned client is dropped.
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, ReplicationError> {
         let target = self.display();
-        let result = match &self.tls {
-            Some(tls) => {
-                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                self.sql
-                    .connect(connector)
-                    .await
-                    .map(|(client, connection)| {
-                        tokio::spawn(drive_sql_connection(connection, target.clone()));
-                        client
-                    })
-            }
-            None => self
-                .sql
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map(|(client, connection)| {
-                    tokio::spawn(drive_sql_connection(connection, target.clone()));
-                    client
-                }),
-        };
-        result.map_err(|error| self.classify_connect_error(error))
+        let (result, handshake_started) =
+            match &self.tls {
+                Some(tls) => {
+                    let connector = tls::WatchedTlsConnect::new((**tls).clone());
+                    let result =
+                        self.sql
+                            .connect(connector.clone())
+                            .await
+                            .map(|(client, connection)| {
+                                tokio::spawn(drive_sql_connection(connection, target.clone()));
+                                client
+                            });
+                    (result, connector.handshake_started())
+                }
+                None => {
+                    let result = self.sql.connect(tokio_postgres::NoTls).await.map(
+                        |(client, connection)| {
+                            tokio::spawn(drive_sql_connection(connection, target.clone()));
+                            client
+                        },
+                    );
+                    (result, false)
+                }
+            };
+        result.map_err(|error| self.classify_connect_error(error, handshake_started))
     }
 
     /// Turns a tokio-postgres connect failure into the same variants the replication connection
     /// reports, so callers see one vocabulary.
-    fn classify_connect_error(&self, error: tokio_postgres::Error) -> ReplicationError {
+    fn classify_connect_error(
+        &self,
+        error: tokio_postgres::Error,
+        handshake_started: bool,
+    ) -> ReplicationError {
         let target = self
             .endpoints
             .iter()
@@ -347,6 +355,15 @@ impl SourceConfig {
                 };
             }
             source = cause.source();
+        }
+        // Neither the server nor the socket failed, TLS is required and no handshake began:
+        // the server said no to the SSLRequest. (sslnegotiation=direct sends no SSLRequest.)
+        let tls_required = !matches!(self.ssl_mode, SslMode::Disable | SslMode::Prefer);
+        if tls_required
+            && !handshake_started
+            && self.sql.get_ssl_negotiation() == tokio_postgres::config::SslNegotiation::Postgres
+        {
+            return ReplicationError::TlsRefused { target };
         }
         ReplicationError::Sql(error)
     }

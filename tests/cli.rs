@@ -1,5 +1,6 @@
 //! The command line as an operator meets it: maintenance commands, and the errors for the
-//! mistakes people make first (wrong DSN, missing table, table without a key).
+//! mistakes people make first (wrong DSN, missing table, table without a key, zero limits,
+//! names Postgres refuses), which must name the flag at fault and never show a password.
 
 use std::time::Duration;
 
@@ -206,6 +207,23 @@ async fn limits_that_cannot_work_are_refused_naming_the_flag() {
             "{setting}:\n{log}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_invalid_collection_or_table_is_named_by_its_flag() {
+    let pipeline = [
+        "--dsn",
+        "postgresql://postgres@127.0.0.1:1/postgres",
+        "--embedder",
+        "none",
+        "--plugin",
+        "/nonexistent/handler.wasm",
+    ];
+    let (ok, log) =
+        run(&[&pipeline[..], &["--table", "docs", "--collection", "a.b.c"]].concat()).await;
+    assert!(!ok && log.contains("--collection"), "{log}");
+    let (ok, log) = run(&[&pipeline[..], &["--table", "a.b.c"]].concat()).await;
+    assert!(!ok && log.contains("--table"), "{log}");
 }
 
 #[tokio::test]

@@ -442,7 +442,8 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
         .tables
         .iter()
         .map(|table| table.parse::<TableName>())
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .context("--table (PGSTREAM_TABLES)")?;
 
     match command {
         PipelineCommand::Setup => {
@@ -765,7 +766,9 @@ fn qdrant_sink(args: &Args, first_table: &TableName) -> Result<QdrantSink> {
 /// The pgvector table: `--collection`, or `<first watched table>_embeddings` in its schema.
 fn collection_table(args: &Args, first_table: &TableName) -> Result<TableName> {
     Ok(match &args.collection {
-        Some(name) => name.parse::<TableName>()?,
+        Some(name) => name
+            .parse::<TableName>()
+            .context("--collection (PGSTREAM_COLLECTION) names the pgvector table")?,
         None => TableName {
             schema: first_table.schema.clone(),
             name: format!("{}_embeddings", first_table.name),

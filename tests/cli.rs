@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pgstream_e2e::{HostProcess, PgServer, PgVersion};
+use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -20,6 +20,13 @@ async fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut host = HostProcess::spawn(command).expect("start the host");
     let status = host.wait_timeout(TIMEOUT).await.expect("the host exits");
     (status.success(), host.log())
+}
+
+/// A database of its own on the shared Postgres 15, with `sql` run in it.
+async fn database_with(sql: &str) -> TestDb {
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    db.client().batch_execute(sql).await.unwrap();
+    db
 }
 
 /// The password in [`malformed_dsns`], and the second half of it where an unquoted space cuts
@@ -237,11 +244,7 @@ async fn verify_full_against_a_server_without_tls_says_it_has_no_tls() {
 
 #[tokio::test]
 async fn setup_with_a_name_postgres_refuses_leaves_nothing_behind() {
-    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-    db.client()
-        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY);")
-        .await
-        .unwrap();
+    let db = database_with("CREATE TABLE docs (id int PRIMARY KEY);").await;
     let (ok, log) = run(&[
         "setup",
         "--dsn",
@@ -326,11 +329,7 @@ async fn a_malformed_dsn_is_rejected_before_connecting() {
 
 #[tokio::test]
 async fn check_explains_missing_tables_and_tables_without_a_key() {
-    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-    db.client()
-        .batch_execute("CREATE TABLE keyless (a int, b text);")
-        .await
-        .unwrap();
+    let db = database_with("CREATE TABLE keyless (a int, b text);").await;
 
     let (ok, log) = run(&["check", "--dsn", db.dsn(), "--table", "missing_table"]).await;
     assert!(!ok, "{log}");
@@ -353,11 +352,7 @@ async fn check_explains_missing_tables_and_tables_without_a_key() {
 
 #[tokio::test]
 async fn a_role_without_replication_is_told_how_to_fix_it() {
-    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-    db.client()
-        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY);")
-        .await
-        .unwrap();
+    let db = database_with("CREATE TABLE docs (id int PRIMARY KEY);").await;
     let role = db.create_role("pw", false).await;
     let dsn = db.dsn_as(&role, "pw");
     let (ok, log) = run(&["check", "--dsn", &dsn, "--table", "docs"]).await;
@@ -367,11 +362,7 @@ async fn a_role_without_replication_is_told_how_to_fix_it() {
 
 #[tokio::test]
 async fn setup_is_idempotent_and_teardown_removes_the_slot() {
-    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-    db.client()
-        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY, content text);")
-        .await
-        .unwrap();
+    let db = database_with("CREATE TABLE docs (id int PRIMARY KEY, content text);").await;
     let name = db.unique_name("cli");
     let args = ["--dsn", db.dsn(), "--table", "docs", "--name", &name];
     let slots = || async {

@@ -6,6 +6,7 @@
 
 mod cli;
 mod embed_cache;
+mod faults;
 mod harness;
 mod languages;
 mod openai;

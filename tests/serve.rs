@@ -143,7 +143,7 @@ async fn validate_lists_every_problem_and_passes_a_good_file() {
     assert!(!ok, "{log}");
     for needle in [
         "pipeline tenant_a: batch_size: must be at least 1",
-        "pipeline Tenant-B: name: the replication slot name",
+        "pipeline Tenant-B: name: invalid replication slot name \"Tenant-B\"",
         "both write jsonl",
     ] {
         assert!(log.contains(needle), "{needle:?} missing from:\n{log}");

@@ -82,7 +82,7 @@ enum PipelineCommand {
         /// The text to search for.
         query: String,
         /// How many points to print.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = at_least::<i64, 1>)]
         limit: i64,
     },
 }
@@ -192,7 +192,8 @@ struct Args {
         long,
         env = "PGSTREAM_QDRANT_TIMEOUT_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     qdrant_timeout_ms: u64,
 
@@ -201,7 +202,8 @@ struct Args {
         long,
         env = "PGSTREAM_QDRANT_MAX_ATTEMPTS",
         default_value_t = 5,
-        global = true
+        global = true,
+        value_parser = at_least::<u32, 1>
     )]
     qdrant_max_attempts: u32,
 
@@ -226,7 +228,7 @@ struct Args {
     model_dir: Option<PathBuf>,
 
     /// Threads the embedding model may use.
-    #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true)]
+    #[arg(long, env = "PGSTREAM_EMBED_THREADS", default_value_t = default_threads(), global = true, value_parser = at_least::<usize, 1>)]
     embed_threads: usize,
 
     /// File of the on-disk embedding cache: text already embedded by the same model is read
@@ -240,14 +242,15 @@ struct Args {
         long,
         env = "PGSTREAM_EMBED_CACHE_MAX_MB",
         default_value_t = 1024,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 16>
     )]
     embed_cache_max_mb: u64,
 
     /// Vector size. With --embedder none: the size the sink is prepared for [default: 384].
     /// With --embedder openai: the `dimensions` sent to models that can shorten their vectors
     /// (text-embedding-3-*) [default: the model's own size, asked with one request at start].
-    #[arg(long, env = "PGSTREAM_DIMENSIONS", global = true)]
+    #[arg(long, env = "PGSTREAM_DIMENSIONS", global = true, value_parser = at_least::<usize, 1>)]
     dimensions: Option<usize>,
 
     /// OpenAI-compatible server root; requests go to <url>/v1/embeddings (a trailing /v1 is
@@ -262,21 +265,21 @@ struct Args {
 
     /// Most texts per embeddings request (OpenAI allows 2048; text-embeddings-inference 32
     /// unless started with a larger --max-client-batch-size).
-    #[arg(long, env = "PGSTREAM_OPENAI_MAX_INPUTS", default_value_t = openai_defaults().max_inputs_per_request, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_MAX_INPUTS", default_value_t = openai_defaults().max_inputs_per_request, global = true, value_parser = at_least::<usize, 1>)]
     openai_max_inputs: usize,
 
     /// Most estimated tokens (UTF-8 bytes / 4) per embeddings request (OpenAI allows 300,000
     /// real tokens; the default leaves room for the estimate being low).
-    #[arg(long, env = "PGSTREAM_OPENAI_MAX_TOKENS", default_value_t = openai_defaults().max_tokens_per_request, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_MAX_TOKENS", default_value_t = openai_defaults().max_tokens_per_request, global = true, value_parser = at_least::<usize, 1>)]
     openai_max_tokens: usize,
 
     /// Most embeddings requests in flight at once.
-    #[arg(long, env = "PGSTREAM_OPENAI_CONCURRENCY", default_value_t = openai_defaults().max_concurrent_requests, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_CONCURRENCY", default_value_t = openai_defaults().max_concurrent_requests, global = true, value_parser = at_least::<usize, 1>)]
     openai_concurrency: usize,
 
     /// Longest one embeddings request may take, in milliseconds; a request that times out is
     /// retried.
-    #[arg(long, env = "PGSTREAM_OPENAI_TIMEOUT_MS", default_value_t = openai_defaults().request_timeout.as_millis() as u64, global = true)]
+    #[arg(long, env = "PGSTREAM_OPENAI_TIMEOUT_MS", default_value_t = openai_defaults().request_timeout.as_millis() as u64, global = true, value_parser = at_least::<u64, 1>)]
     openai_timeout_ms: u64,
 
     /// Most events per handler call.
@@ -284,7 +287,8 @@ struct Args {
         long,
         env = "PGSTREAM_BATCH_SIZE",
         default_value_t = 1000,
-        global = true
+        global = true,
+        value_parser = at_least::<usize, 1>
     )]
     batch_size: usize,
 
@@ -302,7 +306,8 @@ struct Args {
         long,
         env = "PGSTREAM_CALL_TIMEOUT_MS",
         default_value_t = 30_000,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     call_timeout_ms: u64,
 
@@ -311,7 +316,8 @@ struct Args {
         long,
         env = "PGSTREAM_MEMORY_LIMIT_MB",
         default_value_t = 256,
-        global = true
+        global = true,
+        value_parser = at_least::<usize, 1>
     )]
     memory_limit_mb: usize,
 
@@ -322,7 +328,8 @@ struct Args {
         long,
         env = "PGSTREAM_MAX_ATTEMPTS",
         default_value_t = 5,
-        global = true
+        global = true,
+        value_parser = at_least::<u32, 1>
     )]
     max_attempts: u32,
 
@@ -332,7 +339,8 @@ struct Args {
         long,
         env = "PGSTREAM_RETRY_BACKOFF_MS",
         default_value_t = 500,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     retry_backoff_ms: u64,
 
@@ -360,9 +368,25 @@ struct Args {
         long,
         env = "PGSTREAM_PROGRESS_SECS",
         default_value_t = 10,
-        global = true
+        global = true,
+        value_parser = at_least::<u64, 1>
     )]
     progress_secs: u64,
+}
+
+/// A value parser for numbers of at least `MIN`. A zero batch size, timeout, limit or number
+/// of tries cannot work, so it is refused as the flags are read, with the flag's name, rather
+/// than raised to 1 behind the operator's back or found out at the first event.
+fn at_least<T, const MIN: u8>(text: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    let value: T = text.parse().map_err(|error: T::Err| error.to_string())?;
+    if value < T::from(MIN) {
+        return Err(format!("must be at least {MIN}"));
+    }
+    Ok(value)
 }
 
 /// The embedder's own defaults, shown by `--help`.
@@ -438,6 +462,7 @@ async fn run(cli: Cli) -> Result<()> {
 /// The commands that work on a source database and its pipeline.
 async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()> {
     let spec = pipeline_spec(&args)?;
+    let (slot, publication) = slot_and_publication(&args)?;
     match command {
         PipelineCommand::Setup => {
             let (source, tables) = source_and_tables(&spec)?;
@@ -477,9 +502,19 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             let source =
                 assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
             let client = source.connect_sql().await?;
-            let (slot, publication) = (spec.slot_name(), spec.publication_name());
-            replication::teardown(&client, slot, publication).await?;
-            println!("dropped slot {slot} and publication {publication}");
+            let report = replication::teardown(&client, &slot, &publication).await?;
+            let outcome = |dropped: bool, what: &str, name: &str| {
+                if dropped {
+                    format!("dropped {what} {name}")
+                } else {
+                    format!("no {what} {name} to drop")
+                }
+            };
+            println!(
+                "{}; {}",
+                outcome(report.slot_dropped, "slot", &slot),
+                outcome(report.publication_dropped, "publication", &publication)
+            );
             Ok(())
         }
         PipelineCommand::Search { query, limit } => {
@@ -689,7 +724,7 @@ fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
         .iter()
         .map(|table| table.parse::<TableName>())
         .collect::<Result<Vec<_>, _>>()
-        .context("--table")?;
+        .context("--table (PGSTREAM_TABLES)")?;
     let mut spec = PipelineSpec::new(
         &args.name,
         Secret::new(dsn),
@@ -850,6 +885,24 @@ fn new_project(language: Language, name: &str) -> Result<()> {
         "  pgstream-host --dsn postgresql://user:pass@localhost/db --table docs --plugin {name}.wasm"
     );
     Ok(())
+}
+
+/// The slot and publication names, checked before anything runs, so a name Postgres would
+/// refuse is reported with the flag it came from rather than halfway through a setup.
+fn slot_and_publication(args: &Args) -> Result<(String, String)> {
+    let name_flag = "--name (PGSTREAM_NAME), which names the slot and the publication unless \
+                     --slot and --publication are given";
+    let (slot, slot_flag) = match &args.slot {
+        Some(slot) => (slot.clone(), "--slot (PGSTREAM_SLOT)"),
+        None => (args.name.clone(), name_flag),
+    };
+    let (publication, publication_flag) = match &args.publication {
+        Some(publication) => (publication.clone(), "--publication (PGSTREAM_PUBLICATION)"),
+        None => (args.name.clone(), name_flag),
+    };
+    replication::validate_slot_name(&slot).context(slot_flag)?;
+    replication::validate_publication_name(&publication).context(publication_flag)?;
+    Ok((slot, publication))
 }
 
 /// Starts listening for SIGINT and SIGTERM and returns a future that resolves on the first

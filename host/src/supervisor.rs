@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::assembly::{AssemblyError, SharedResources, assemble};
+use crate::assembly::{self, AssemblyError, SharedResources, assemble};
 use crate::config::PipelineSpec;
 use crate::coordination::{LEASE_INTERVAL, Lease};
 use crate::pipeline::{PipelineError, PipelineState, RunSummary, StatusHandle};
@@ -204,11 +204,24 @@ async fn supervise(
     mut stopping: watch::Receiver<bool>,
 ) -> PipelineOutcome {
     let name = spec.name.clone();
+    let source = match assembly::parse_dsn("source.dsn", spec.source.dsn.expose()) {
+        Ok(source) => source,
+        Err(error) => {
+            let failure = PipelineFailure::Assembly(error);
+            status.set_state(PipelineState::Failed {
+                reason: failure.summary(),
+            });
+            return PipelineOutcome {
+                name,
+                result: Err(failure),
+            };
+        }
+    };
     let mut failures_in_a_row = 0u32;
     let outcome = 'supervising: loop {
         let mut lease = match &coordination {
             None => None,
-            Some(host) => match acquire_lease(&spec, host, &status, &mut stopping).await {
+            Some(host) => match acquire_lease(&spec, &source, host, &status, &mut stopping).await {
                 Some(lease) => Some(lease),
                 None => {
                     status.set_state(PipelineState::Stopped);
@@ -317,18 +330,14 @@ async fn supervise(
 /// stop is requested first.
 async fn acquire_lease(
     spec: &PipelineSpec,
+    source: &SourceConfig,
     host: &str,
     status: &StatusHandle,
     stopping: &mut watch::Receiver<bool>,
 ) -> Option<Lease> {
-    let source = match SourceConfig::from_dsn(spec.source.dsn.expose()) {
-        Ok(source) => source,
-        // Assembly reports a bad DSN with its setting; a lease is not needed for that.
-        Err(_) => return None,
-    };
     let mut announced = false;
     loop {
-        match Lease::try_acquire(&source, &spec.name, host).await {
+        match Lease::try_acquire(source, &spec.name, host).await {
             Ok(Some(lease)) => {
                 if let Err(error) = lease.evict_stale_stream(spec.slot_name()).await {
                     warn!(pipeline = %spec.name, %error, "cannot check the slot for a stale stream");

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use pgstream_host::lsn::Lsn;
 use pgstream_host::replication::{
     PreflightError, ReplicationError, ReplicationStream, SourceConfig, StreamOptions, TableName,
-    WalMessage, preflight, setup, slot_confirmed_flush_lsn, teardown,
+    TeardownReport, WalMessage, preflight, setup, slot_confirmed_flush_lsn, teardown,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -656,16 +656,26 @@ async fn setup_is_idempotent_and_teardown_refuses_an_active_slot() -> Result<()>
     stream.shutdown().await?;
     // The walsender releases the slot right after the clean shutdown.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let dropped = loop {
         match teardown(&client, "idem_slot", "idem_pub").await {
-            Ok(()) => break,
+            Ok(report) => break report,
             Err(ReplicationError::SlotActive { .. }) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             Err(error) => return Err(error.into()),
         }
-    }
-    teardown(&client, "idem_slot", "idem_pub").await?;
+    };
+    let everything = TeardownReport {
+        slot_dropped: true,
+        publication_dropped: true,
+    };
+    assert_eq!(dropped, everything);
+    // Again: there is nothing left, and the report says so.
+    let nothing = TeardownReport {
+        slot_dropped: false,
+        publication_dropped: false,
+    };
+    assert_eq!(teardown(&client, "idem_slot", "idem_pub").await?, nothing);
     assert_eq!(slot_confirmed_flush_lsn(&client, "idem_slot").await?, None);
     let publications: i64 = client
         .query_one(
@@ -675,6 +685,182 @@ async fn setup_is_idempotent_and_teardown_refuses_an_active_slot() -> Result<()>
         .await?
         .get(0);
     assert_eq!(publications, 0);
+    Ok(())
+}
+
+/// The tables `publication` covers, by name.
+async fn published_tables(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&publication],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
+async fn publication_exists(client: &tokio_postgres::Client, publication: &str) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await?
+        .get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_refuses_unusable_names_before_creating_anything() -> Result<()> {
+    let Some(pg) = shared() else { return Ok(()) };
+    let db = pg.create_database("bad_names").await;
+    let admin = pg.admin(&db).await;
+    admin
+        .batch_execute("CREATE TABLE docs (id int PRIMARY KEY)")
+        .await?;
+    let too_long = "a".repeat(64);
+    for (slot, publication) in [
+        ("My-Pipeline", "bad_names_pub"),
+        ("", "bad_names_pub"),
+        (too_long.as_str(), "bad_names_pub"),
+        ("bad_names_slot", too_long.as_str()),
+        ("bad_names_slot", ""),
+    ] {
+        let error = setup(&admin, slot, publication, &[table("docs")])
+            .await
+            .err()
+            .with_context(|| {
+                format!("setup accepted slot {slot:?}, publication {publication:?}")
+            })?;
+        assert!(
+            matches!(error, ReplicationError::InvalidName(_)),
+            "{slot:?}/{publication:?}: {error:?}"
+        );
+        // (Postgres refuses to even look up a name longer than it keeps.)
+        if (1..=63).contains(&publication.len()) {
+            assert!(
+                !publication_exists(&admin, publication).await?,
+                "setup with slot {slot:?} left publication {publication:?} behind"
+            );
+        }
+        let error = teardown(&admin, slot, publication).await.err();
+        assert!(
+            matches!(error, Some(ReplicationError::InvalidName(_))),
+            "teardown: {error:?}"
+        );
+    }
+    let error = setup(&admin, "My-Pipeline", "bad_names_pub", &[table("docs")])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("lower-case") && error.contains("\"my_pipeline\""),
+        "{error}"
+    );
+    // The longest names Postgres keeps are fine.
+    let longest = "b".repeat(63);
+    let report = setup(&admin, &longest, &longest, &[table("docs")]).await?;
+    assert!(report.slot_created && report.publication_created);
+    assert!(teardown(&admin, &longest, &longest).await?.slot_dropped);
+    Ok(())
+}
+
+/// A role that owns its tables and may create publications, but lacks REPLICATION: creating
+/// the slot, the last step of setup, fails. Setup must take back what it did before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_that_cannot_create_the_slot_leaves_nothing_behind() -> Result<()> {
+    let Some(pg) = shared() else { return Ok(()) };
+    let db = pg.create_database("setup_undo").await;
+    let admin = pg.admin(&db).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE undo_owner LOGIN NOREPLICATION; \
+             GRANT CREATE ON DATABASE {db} TO undo_owner; \
+             GRANT CREATE ON SCHEMA public TO undo_owner"
+        ))
+        .await?;
+    let owner = SourceConfig::from_dsn(&pg.dsn("undo_owner", &db, ""))?
+        .connect_sql()
+        .await?;
+    owner
+        .batch_execute(
+            "CREATE TABLE docs (id int PRIMARY KEY); CREATE TABLE later (id int PRIMARY KEY)",
+        )
+        .await?;
+
+    // A new publication is dropped again.
+    let error = setup(&owner, "undo_slot", "undo_pub", &[table("docs")])
+        .await
+        .err()
+        .context("setup created a slot without REPLICATION")?;
+    assert!(error.server_error().is_some(), "{error:?}");
+    assert!(!publication_exists(&admin, "undo_pub").await?);
+
+    // An existing publication gets back the tables it had.
+    owner
+        .batch_execute("CREATE PUBLICATION undo_pub FOR TABLE docs")
+        .await?;
+    setup(
+        &owner,
+        "undo_slot",
+        "undo_pub",
+        &[table("docs"), table("later")],
+    )
+    .await
+    .err()
+    .context("setup created a slot without REPLICATION")?;
+    assert!(publication_exists(&admin, "undo_pub").await?);
+    assert_eq!(published_tables(&admin, "undo_pub").await?, ["docs"]);
+    let slots: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'undo_slot'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(slots, 0);
+    Ok(())
+}
+
+/// `sslmode=require` and stricter against a server without TLS say that the server does not
+/// do TLS, on the SQL connection (tokio-postgres) as on the replication connection (ours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_tls_is_named_as_such() -> Result<()> {
+    let Some(pg) = shared() else { return Ok(()) };
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let source =
+            SourceConfig::from_dsn(&pg.dsn("postgres", "postgres", &format!("sslmode={mode}")))?;
+        let sql = source
+            .connect_sql()
+            .await
+            .err()
+            .with_context(|| format!("sslmode={mode}: SQL connected without TLS"))?;
+        let stream = ReplicationStream::start(
+            &source,
+            "no_tls_slot",
+            "no_tls_pub",
+            Lsn::ZERO,
+            fast_status(),
+        )
+        .await
+        .err()
+        .with_context(|| format!("sslmode={mode}: stream started without TLS"))?;
+        for error in [sql, stream] {
+            assert!(
+                matches!(error, ReplicationError::TlsRefused { .. }),
+                "sslmode={mode}: {error:?}"
+            );
+            assert!(
+                error.to_string().contains("does not accept TLS"),
+                "sslmode={mode}: {error}"
+            );
+            assert!(!error.is_retryable(), "sslmode={mode}");
+        }
+    }
     Ok(())
 }
 

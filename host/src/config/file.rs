@@ -153,6 +153,11 @@ impl ConfigFile {
                     continue;
                 }
             };
+            // Its errors never quote the password.
+            if let Err(error) = SourceConfig::from_dsn(source.dsn.expose()) {
+                problem(at, format!("sources.{}.dsn: {error}", entry.source));
+                continue;
+            }
             let embedder = match &entry.embedder {
                 None => EmbedderSpec::default(),
                 Some(name) => match raw.embedders.get(name) {
@@ -498,7 +503,7 @@ collection = \"tenant_b.embeddings\"
             "{error}"
         );
         assert!(
-            error.contains("pipeline tenant_a: slot: the replication slot name"),
+            error.contains("pipeline tenant_a: slot: invalid replication slot name \"Bad-Slot\""),
             "{error}"
         );
     }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 pub use file::{ConfigError, ConfigFile, ConfigProblem};
 
 use crate::lsn::Lsn;
-use crate::replication::TableName;
+use crate::replication::{TableName, validate_publication_name, validate_slot_name};
 
 /// A value that must never be printed: a DSN with its password, an API key.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -266,9 +266,6 @@ pub struct SpecProblem {
     pub problem: String,
 }
 
-/// Most bytes Postgres allows in a slot or publication name (NAMEDATALEN - 1).
-const MAX_NAME_BYTES: usize = 63;
-
 impl<Source, Embedder, Sink> PipelineSpecOf<Source, Embedder, Sink> {
     /// The same pipeline with its source, embedder and sink replaced.
     pub fn with_parts<S, E, K>(self, source: S, embedder: E, sink: K) -> PipelineSpecOf<S, E, K> {
@@ -403,17 +400,20 @@ impl PipelineSpec {
                 "no table to watch; name at least one `schema.table`".into(),
             );
         }
-        if let Some(text) = name_problem(self.slot_name(), "replication slot") {
-            problem(if self.slot.is_some() { "slot" } else { "name" }, text);
+        if let Err(error) = validate_slot_name(self.slot_name()) {
+            problem(
+                if self.slot.is_some() { "slot" } else { "name" },
+                error.to_string(),
+            );
         }
-        if let Some(text) = name_problem(self.publication_name(), "publication") {
+        if let Err(error) = validate_publication_name(self.publication_name()) {
             problem(
                 if self.publication.is_some() {
                     "publication"
                 } else {
                     "name"
                 },
-                text,
+                error.to_string(),
             );
         }
         if let SinkSpec::Pgvector { .. } = self.sink
@@ -499,30 +499,6 @@ impl PipelineSpec {
         }
         problems
     }
-}
-
-/// What is wrong with a slot or publication name, if anything. Postgres takes only lower-case
-/// letters, digits and underscores in slot names, at most 63 bytes; publication names follow
-/// the same rule here, so that one name can serve both and never needs quoting.
-pub fn name_problem(name: &str, what: &str) -> Option<String> {
-    if name.is_empty() {
-        return Some(format!("the {what} name is empty"));
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Some(format!(
-            "the {what} name {name:?} is {} bytes long; Postgres allows at most {MAX_NAME_BYTES}",
-            name.len()
-        ));
-    }
-    if !name
-        .bytes()
-        .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
-    {
-        return Some(format!(
-            "the {what} name {name:?} may hold only lower-case letters, digits and underscores"
-        ));
-    }
-    None
 }
 
 fn default_true() -> bool {

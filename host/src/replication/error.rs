@@ -198,6 +198,9 @@ pub enum ReplicationError {
         /// The walsender PID holding it.
         pid: i32,
     },
+    /// A slot or publication name that Postgres would refuse or cut short.
+    #[error(transparent)]
+    InvalidName(#[from] super::setup::InvalidNameError),
     /// No free replication slot.
     #[error(
         "all max_replication_slots slots are in use; drop unused ones (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active) or raise max_replication_slots and restart Postgres"
@@ -241,6 +244,7 @@ impl ReplicationError {
             | ReplicationError::Protocol(_)
             | ReplicationError::SlotPluginMismatch { .. }
             | ReplicationError::SlotActive { .. }
+            | ReplicationError::InvalidName(_)
             | ReplicationError::SlotsExhausted(_)
             | ReplicationError::TaskFailed => false,
         }

@@ -1,6 +1,9 @@
 //! The SQL side of replication, over a regular connection: checking that the source can be
 //! replicated at all (`preflight`), creating the publication and slot idempotently (`setup`),
 //! removing them (`teardown`), and reading a slot's confirmed position.
+//!
+//! Slot and publication names are checked before any SQL runs, and `setup` undoes what it
+//! created when a later step fails, so a refused setup leaves the database as it found it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -121,6 +124,67 @@ impl fmt::Display for TableName {
     }
 }
 
+/// The longest name Postgres keeps (`NAMEDATALEN - 1` bytes); it cuts longer identifiers short.
+const MAX_NAME_BYTES: usize = 63;
+
+/// A replication slot or publication name that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} name {name:?}: {rule}{suggestion}")]
+pub struct InvalidNameError {
+    kind: &'static str,
+    name: String,
+    rule: &'static str,
+    /// ` (try "...")`, or empty.
+    suggestion: String,
+}
+
+/// Checks a replication slot name against Postgres's rule: 1 to 63 bytes of lower-case ASCII
+/// letters, digits and underscores.
+pub fn validate_slot_name(name: &str) -> Result<(), InvalidNameError> {
+    let valid = |name: &str| {
+        !name.is_empty()
+            && name.len() <= MAX_NAME_BYTES
+            && name
+                .bytes()
+                .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+    };
+    if valid(name) {
+        return Ok(());
+    }
+    let suggested: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .collect();
+    Err(InvalidNameError {
+        kind: "replication slot",
+        name: name.to_owned(),
+        rule: "slot names are 1 to 63 lower-case letters (a-z), digits and underscores",
+        suggestion: if valid(&suggested) {
+            format!(" (try {suggested:?})")
+        } else {
+            String::new()
+        },
+    })
+}
+
+/// Checks a publication name: 1 to 63 bytes without control characters. Postgres accepts any
+/// identifier (pgstream always quotes it), but would cut a longer one short, after which the
+/// name given no longer finds it.
+pub fn validate_publication_name(name: &str) -> Result<(), InvalidNameError> {
+    if !name.is_empty() && name.len() <= MAX_NAME_BYTES && !name.contains(char::is_control) {
+        return Ok(());
+    }
+    Err(InvalidNameError {
+        kind: "publication",
+        name: name.to_owned(),
+        rule: "publication names are 1 to 63 bytes without control characters",
+        suggestion: String::new(),
+    })
+}
+
 /// What [`setup`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetupReport {
@@ -128,8 +192,8 @@ pub struct SetupReport {
     pub slot_created: bool,
     /// The publication did not exist and was created now.
     pub publication_created: bool,
-    /// Tables that already had rows when the slot was created: those rows predate the slot
-    /// and will not be streamed. Empty unless `slot_created`.
+    /// Tables that already had rows just before the slot was created: those rows predate the
+    /// slot and will not be streamed. Empty unless `slot_created`.
     pub tables_with_rows: Vec<TableName>,
 }
 
@@ -137,55 +201,39 @@ pub struct SetupReport {
 /// Idempotent: an existing publication is reused (missing tables are added to it), an existing
 /// pgoutput slot is reused. The publication is created first so the slot's snapshot point comes
 /// after it.
+///
+/// All or nothing: the names are checked (see [`validate_slot_name`] and
+/// [`validate_publication_name`]) and an existing slot's plugin is looked at before anything is
+/// created, and if creating the slot fails, the publication change made for it is undone.
+/// (A slot cannot be created in a transaction that wrote anything, so one transaction cannot
+/// hold both.)
 pub async fn setup(
     client: &Client,
     slot: &str,
     publication: &str,
     tables: &[TableName],
 ) -> Result<SetupReport, ReplicationError> {
-    let publication_created = ensure_publication(client, publication, tables).await?;
-
+    validate_slot_name(slot)?;
+    validate_publication_name(publication)?;
     let existing = client
         .query_opt(
             "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    let slot_created = match existing {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            if plugin.as_deref() != Some("pgoutput") {
-                return Err(ReplicationError::SlotPluginMismatch {
-                    slot: slot.to_owned(),
-                    plugin: plugin.unwrap_or_else(|| "(physical slot)".into()),
-                });
-            }
-            false
+    if let Some(row) = &existing {
+        let plugin: Option<String> = row.get(0);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(ReplicationError::SlotPluginMismatch {
+                slot: slot.to_owned(),
+                plugin: plugin.unwrap_or_else(|| "(physical slot)".into()),
+            });
         }
-        None => {
-            let created = client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await;
-            match created {
-                Ok(_) => true,
-                Err(error) => {
-                    return Err(match error.as_db_error() {
-                        // configuration_limit_exceeded: no free slot.
-                        Some(db) if db.code().code() == "53400" => {
-                            ReplicationError::SlotsExhausted(ServerError::from_db_error(db))
-                        }
-                        _ => error.into(),
-                    });
-                }
-            }
-        }
-    };
+    }
+    let slot_needed = existing.is_none();
 
     let mut tables_with_rows = Vec::new();
-    if slot_created {
+    if slot_needed {
         for table in tables {
             let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", table.quoted());
             if client.query_one(&sql, &[]).await?.get::<_, bool>(0) {
@@ -193,48 +241,110 @@ pub async fn setup(
             }
         }
     }
+
+    let change = ensure_publication(client, publication, tables).await?;
+    if slot_needed && let Err(error) = create_slot(client, slot).await {
+        undo_publication_change(client, publication, &change).await;
+        return Err(error);
+    }
     Ok(SetupReport {
-        slot_created,
-        publication_created,
+        slot_created: slot_needed,
+        publication_created: change == PublicationChange::Created,
         tables_with_rows,
     })
 }
 
-/// Creates the publication, or adds the tables it lacks. Returns whether it was created.
+async fn create_slot(client: &Client, slot: &str) -> Result<(), ReplicationError> {
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map(drop)
+        .map_err(|error| match error.as_db_error() {
+            // configuration_limit_exceeded: no free slot.
+            Some(db) if db.code().code() == "53400" => {
+                ReplicationError::SlotsExhausted(ServerError::from_db_error(db))
+            }
+            _ => error.into(),
+        })
+}
+
+/// What [`ensure_publication`] changed, so a failed setup can take it back.
+#[derive(Debug, PartialEq, Eq)]
+enum PublicationChange {
+    /// It existed and covered the tables already.
+    None,
+    /// It did not exist.
+    Created,
+    /// It existed; these tables were added to it.
+    Extended(Vec<TableName>),
+}
+
+/// Takes back `change`, best effort: the setup already failed, and its error is the one to
+/// report; a leftover is logged with the way to remove it.
+async fn undo_publication_change(client: &Client, publication: &str, change: &PublicationChange) {
+    let sql = match change {
+        PublicationChange::None => return,
+        PublicationChange::Created => {
+            format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_identifier(publication)
+            )
+        }
+        PublicationChange::Extended(tables) => format!(
+            "ALTER PUBLICATION {} DROP TABLE {}",
+            quote_identifier(publication),
+            table_list(tables)
+        ),
+    };
+    if let Err(error) = client.batch_execute(&sql).await {
+        tracing::warn!(
+            %publication,
+            %error,
+            "setup failed and could not undo its change to the publication; \
+             run pgstream-host teardown (or {sql}) to remove it"
+        );
+    }
+}
+
+/// `"schema"."table", ...`, for SQL.
+fn table_list<'a>(tables: impl IntoIterator<Item = &'a TableName>) -> String {
+    tables
+        .into_iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Creates the publication, or adds the tables it lacks.
 async fn ensure_publication(
     client: &Client,
     publication: &str,
     tables: &[TableName],
-) -> Result<bool, ReplicationError> {
+) -> Result<PublicationChange, ReplicationError> {
     let existing = client
         .query_opt(
             "SELECT puballtables FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await?;
-    let table_list = |tables: &[&TableName]| {
-        tables
-            .iter()
-            .map(|table| table.quoted())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     match existing {
         None => {
-            let all: Vec<&TableName> = tables.iter().collect();
-            let sql = if all.is_empty() {
+            let sql = if tables.is_empty() {
                 format!("CREATE PUBLICATION {}", quote_identifier(publication))
             } else {
                 format!(
                     "CREATE PUBLICATION {} FOR TABLE {}",
                     quote_identifier(publication),
-                    table_list(&all)
+                    table_list(tables)
                 )
             };
             client.batch_execute(&sql).await?;
-            Ok(true)
+            Ok(PublicationChange::Created)
         }
-        Some(row) if row.get::<_, bool>(0) => Ok(false),
+        Some(row) if row.get::<_, bool>(0) => Ok(PublicationChange::None),
         Some(_) => {
             let published: Vec<TableName> = client
                 .query(
@@ -245,37 +355,51 @@ async fn ensure_publication(
                 .iter()
                 .map(|row| TableName { schema: row.get(0), name: row.get(1) })
                 .collect();
-            let missing: Vec<&TableName> = tables
+            let missing: Vec<TableName> = tables
                 .iter()
                 .filter(|table| !published.contains(table))
+                .cloned()
                 .collect();
-            if !missing.is_empty() {
-                let sql = format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}",
-                    quote_identifier(publication),
-                    table_list(&missing)
-                );
-                client.batch_execute(&sql).await?;
+            if missing.is_empty() {
+                return Ok(PublicationChange::None);
             }
-            Ok(false)
+            let sql = format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_identifier(publication),
+                table_list(&missing)
+            );
+            client.batch_execute(&sql).await?;
+            Ok(PublicationChange::Extended(missing))
         }
     }
 }
 
-/// Drops the slot and the publication if they exist. Idempotent. Refuses (with
-/// [`ReplicationError::SlotActive`]) while a consumer is attached to the slot.
+/// What [`teardown`] dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TeardownReport {
+    /// The slot existed and was dropped.
+    pub slot_dropped: bool,
+    /// The publication existed and was dropped.
+    pub publication_dropped: bool,
+}
+
+/// Drops the slot and the publication if they exist, and says which did. Idempotent. Refuses
+/// (with [`ReplicationError::SlotActive`]) while a consumer is attached to the slot, and names
+/// that [`setup`] would refuse.
 pub async fn teardown(
     client: &Client,
     slot: &str,
     publication: &str,
-) -> Result<(), ReplicationError> {
+) -> Result<TeardownReport, ReplicationError> {
+    validate_slot_name(slot)?;
+    validate_publication_name(publication)?;
     let existing = client
         .query_opt(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    if let Some(row) = existing {
+    if let Some(row) = &existing {
         if let Some(pid) = row.get::<_, Option<i32>>(0) {
             return Err(ReplicationError::SlotActive {
                 slot: slot.to_owned(),
@@ -286,13 +410,25 @@ pub async fn teardown(
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await?;
     }
-    client
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
-            quote_identifier(publication)
-        ))
-        .await?;
-    Ok(())
+    let publication_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .is_some();
+    if publication_exists {
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_identifier(publication)
+            ))
+            .await?;
+    }
+    Ok(TeardownReport {
+        slot_dropped: existing.is_some(),
+        publication_dropped: publication_exists,
+    })
 }
 
 /// The slot's `confirmed_flush_lsn`, or `None` if there is no such slot (or it is physical).

@@ -1,11 +1,14 @@
-//! TLS for both connections: one rustls client configuration per `sslmode`, and the
-//! `tls-server-end-point` channel-binding hash SCRAM-SHA-256-PLUS needs.
+//! TLS for both connections: one rustls client configuration per `sslmode`, the
+//! `tls-server-end-point` channel-binding hash SCRAM-SHA-256-PLUS needs, and the connector the
+//! SQL connection hands tokio-postgres, which tells a server without TLS from a failed
+//! handshake.
 //!
 //! libpq's levels map onto certificate verifiers: `prefer`/`require` encrypt without checking
 //! the certificate (they protect against passive sniffing only), `verify-ca` checks the chain
 //! but not the name, `verify-full` checks both (rustls' WebPKI verifier).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,6 +16,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::Digest;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::config::SslMode;
 use super::error::ReplicationError;
@@ -82,6 +87,65 @@ fn root_store(root_cert: Option<&str>) -> Result<RootCertStore, ReplicationError
         }
     }
     Ok(roots)
+}
+
+/// tokio-postgres's rustls connector, noting whether a TLS handshake was started.
+///
+/// When TLS is required and the server answers the SSLRequest with "no" (it runs with
+/// `ssl = off`), tokio-postgres fails before it hands the socket to the connector, with the
+/// same error kind ("error performing TLS handshake") as a handshake that failed. Whether the
+/// handshake started tells the two apart without reading its messages.
+#[derive(Clone)]
+pub(crate) struct WatchedTlsConnect {
+    inner: MakeRustlsConnect,
+    handshake_started: Arc<AtomicBool>,
+}
+
+impl WatchedTlsConnect {
+    pub(crate) fn new(config: rustls::ClientConfig) -> WatchedTlsConnect {
+        WatchedTlsConnect {
+            inner: MakeRustlsConnect::new(config),
+            handshake_started: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether any connection made through this connector got as far as a TLS handshake.
+    pub(crate) fn handshake_started(&self) -> bool {
+        self.handshake_started.load(Ordering::Relaxed)
+    }
+}
+
+impl<S> MakeTlsConnect<S> for WatchedTlsConnect
+where
+    MakeRustlsConnect: MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = WatchedHandshake<<MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect>;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(WatchedHandshake {
+            inner: self.inner.make_tls_connect(domain)?,
+            handshake_started: self.handshake_started.clone(),
+        })
+    }
+}
+
+/// One connection's handshake, for [`WatchedTlsConnect`].
+pub(crate) struct WatchedHandshake<T> {
+    inner: T,
+    handshake_started: Arc<AtomicBool>,
+}
+
+impl<S, T: TlsConnect<S>> TlsConnect<S> for WatchedHandshake<T> {
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn connect(self, stream: S) -> Self::Future {
+        self.handshake_started.store(true, Ordering::Relaxed);
+        self.inner.connect(stream)
+    }
 }
 
 /// `sslmode=prefer|require`: any certificate is accepted, but the handshake signatures are

@@ -1,7 +1,8 @@
 //! Faults the hardening review found handled too slowly or too late: a sink database that goes
 //! away is waited for with progress lines and the pipeline resumes within seconds of its return
-//! (nothing confirmed meanwhile), and a plugin that cannot even start under its memory limit
-//! stops the host at once, before a slot is made for it.
+//! (nothing confirmed meanwhile), a plugin that cannot even start under its memory limit
+//! stops the host at once, before a slot is made for it, and five SIGKILLs, each after the
+//! host confirmed progress, lose nothing.
 
 use std::time::{Duration, Instant};
 
@@ -113,5 +114,65 @@ async fn a_plugin_that_cannot_start_under_its_memory_limit_fails_before_a_slot_i
     assert_eq!(
         slots, 0,
         "no slot is left holding WAL for a pipeline that never ran"
+    );
+}
+
+/// The ids a jsonl sink file holds upserts for; a last line without its newline is still
+/// being written.
+fn upserted_ids(path: &std::path::Path) -> std::collections::BTreeSet<i64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter_map(|line| line.strip_suffix('\n'))
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
+        .filter(|line| line["op"] == "upsert")
+        .filter_map(|line| line["payload"]["id"].as_i64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkills_with_progress_between_them_lose_nothing() {
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text);")
+        .await;
+    let out = tempfile::TempDir::new().unwrap();
+    let sink = out.path().join("docs.jsonl");
+    let pipeline = TestPipeline::new(&db, "docs", "trap-handler").with_args(&[
+        "--embedder".to_owned(),
+        "none".to_owned(),
+        "--sink".to_owned(),
+        "jsonl".to_owned(),
+        "--collection".to_owned(),
+        sink.display().to_string(),
+        "--batch-size".to_owned(),
+        "50".to_owned(),
+    ]);
+    pipeline.setup().await;
+    let mut confirmed = pipeline.confirmed_flush_lsn().await;
+    for kill in 0..5 {
+        let mut host = pipeline.start();
+        // Rows written while the host runs, in transactions of 100.
+        for start in (kill * 1200 + 1..=(kill + 1) * 1200).step_by(100) {
+            db.exec(&format!(
+                "INSERT INTO docs SELECT g, 'row ' || g FROM generate_series({start}, {}) g",
+                start + 99
+            ))
+            .await;
+        }
+        // Killed only once it confirmed more than before: each run makes progress.
+        wait_until(Duration::from_secs(120), || async {
+            pipeline.confirmed_flush_lsn().await > confirmed
+        })
+        .await
+        .unwrap_or_else(|error| panic!("run {kill} makes progress: {error}\n{}", host.log()));
+        host.kill().await.unwrap();
+        confirmed = pipeline.confirmed_flush_lsn().await;
+    }
+    let end = db.current_lsn().await;
+    let log = pipeline.run_to_exit(None, &["--stop-at-lsn", &end]).await;
+    assert_eq!(
+        upserted_ids(&sink),
+        (1..=6000).collect(),
+        "every row reached the sink after five SIGKILLs:\n{log}"
     );
 }

@@ -5,6 +5,8 @@
 //! engine (a component file used by several pipelines is compiled once) and the in-process
 //! models (one MiniLM per model folder, however many pipelines embed with it). Everything else
 //! (a sink's connections, the embedding cache, the replication slot) belongs to one pipeline.
+//! Pipelines sharing a model take turns on it, so none can starve the others
+//! ([`FairShare`](crate::embed::FairShare)).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,8 +17,9 @@ use tokio::sync::Mutex;
 
 use crate::config::{EmbedderSpec, PipelineSpec, ProcessSettings, SinkSpec, SpecProblem};
 use crate::embed::{
-    ApiKey, CachingEmbedder, EmbedCacheOptions, EmbedError, Embedder, MiniLmEmbedder,
-    MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder, default_model_dir,
+    ApiKey, CachingEmbedder, DEFAULT_TURN_TEXTS, EmbedCacheOptions, EmbedError, Embedder,
+    FairShare, MiniLmEmbedder, MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder,
+    default_model_dir,
 };
 use crate::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
 use crate::replication::{ReplicationError, SourceConfig, StreamOptions};
@@ -123,7 +126,9 @@ impl SharedResources {
                     tokio::task::spawn_blocking(move || MiniLmEmbedder::load(&load_dir, options))
                         .await
                         .map_err(|_| AssemblyError::Panicked("loading the embedding model"))??;
-                let model: Arc<dyn Embedder> = Arc::new(model);
+                // Pipelines sharing the model take turns on it (see `FairShare`).
+                let model: Arc<dyn Embedder> =
+                    Arc::new(FairShare::new(Arc::new(model), DEFAULT_TURN_TEXTS));
                 models.insert((dir, threads), model.clone());
                 Ok(model)
             }

@@ -4,6 +4,7 @@
 //! sinks knowing which.
 
 mod cache;
+mod fair_share;
 mod minilm;
 mod openai;
 
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 pub use cache::{CachingEmbedder, EmbedCacheError, EmbedCacheOptions, EmbedCacheStats};
+pub use fair_share::{DEFAULT_TURN_TEXTS, FairShare};
 pub use minilm::{MiniLmEmbedder, MiniLmOptions, default_model_dir};
 pub use openai::{
     API_KEY_ENV, ApiKey, DEFAULT_BASE_URL, DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,

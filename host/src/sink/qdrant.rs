@@ -240,9 +240,18 @@ impl QdrantSink {
         let max_attempts = self.options.max_attempts.max(1);
         let mut attempt = 1;
         loop {
-            let error = match request().await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
+            // tonic's own request timeout starts only once a connection is ready, so a server
+            // that accepts the TCP connection and never completes the HTTP/2 handshake would
+            // hold the call forever: the whole try gets the same deadline here.
+            let error = match tokio::time::timeout(self.options.timeout, request()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(_) => QdrantError::ResponseError {
+                    status: tonic::Status::deadline_exceeded(format!(
+                        "no answer from {} within {:?}",
+                        self.options.url, self.options.timeout
+                    )),
+                },
             };
             match classify(&error) {
                 Failure::Permanent(message) => {

@@ -17,8 +17,8 @@ use tokio::sync::Mutex;
 
 use crate::config::{EmbedderSpec, PipelineSpec, ProcessSettings, SinkSpec, SpecProblem};
 use crate::embed::{
-    ApiKey, CachingEmbedder, DEFAULT_TURN_TEXTS, EmbedCacheOptions, EmbedError, Embedder,
-    FairShare, MiniLmEmbedder, MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder,
+    ApiKey, CachingEmbedder, DEFAULT_TURN_TEXTS, EmbedCacheOptions, EmbedError, EmbedQuota,
+    Embedder, FairShare, MiniLmEmbedder, MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder,
     default_model_dir,
 };
 use crate::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
@@ -171,6 +171,8 @@ pub async fn assemble(
     }
     let source_config = parse_dsn("source.dsn", spec.source.dsn.expose())?;
     let embedder = with_cache(spec, shared.embedder(&spec.embedder).await?).await?;
+    // The pipeline's limits come first: a call over them costs nothing, not even a cache lookup.
+    let embedder: Arc<dyn Embedder> = Arc::new(EmbedQuota::new(embedder, spec.embed_limits()));
     let sink = sink(spec, &source_config)?;
     let source = PostgresSource::new(
         &spec.name,

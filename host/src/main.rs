@@ -14,7 +14,8 @@ use pgstream_host::config::{
 };
 use pgstream_host::coordination::{self, ObservedStatus};
 use pgstream_host::embed::{
-    API_KEY_ENV, DEFAULT_BASE_URL, DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
+    API_KEY_ENV, DEFAULT_BASE_URL, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_TEXTS_PER_CALL,
+    DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
 };
 use pgstream_host::lsn::Lsn;
 use pgstream_host::replication::{self, SourceConfig, TableName};
@@ -246,6 +247,18 @@ struct Args {
         value_parser = at_least::<u64, 16>
     )]
     embed_cache_max_mb: u64,
+
+    /// Most texts the handler may send in one `embed` call; a larger call is refused.
+    #[arg(long, env = "PGSTREAM_EMBED_MAX_TEXTS_PER_CALL", default_value_t = DEFAULT_MAX_TEXTS_PER_CALL, global = true, value_parser = at_least::<usize, 1>)]
+    embed_max_texts_per_call: usize,
+
+    /// Most bytes of text the handler may send in one `embed` call; a larger call is refused.
+    #[arg(long, env = "PGSTREAM_EMBED_MAX_BYTES_PER_CALL", default_value_t = DEFAULT_MAX_BYTES_PER_CALL, global = true, value_parser = at_least::<usize, 1>)]
+    embed_max_bytes_per_call: usize,
+
+    /// Most texts embedded per second; calls beyond the rate wait. No limit when unset.
+    #[arg(long, env = "PGSTREAM_EMBED_TEXTS_PER_SECOND", global = true, value_parser = at_least::<u32, 1>)]
+    embed_texts_per_second: Option<u32>,
 
     /// Vector size. With --embedder none: the size the sink is prepared for [default: 384].
     /// With --embedder openai: the `dimensions` sent to models that can shorten their vectors
@@ -788,6 +801,9 @@ fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
         path,
         max_mb: args.embed_cache_max_mb,
     });
+    spec.embed_max_texts_per_call = args.embed_max_texts_per_call;
+    spec.embed_max_bytes_per_call = args.embed_max_bytes_per_call;
+    spec.embed_texts_per_second = args.embed_texts_per_second;
     spec.batch_size = args.batch_size;
     spec.batch_wait_ms = args.batch_wait_ms;
     spec.call_timeout_ms = args.call_timeout_ms;

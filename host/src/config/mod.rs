@@ -226,6 +226,15 @@ pub struct PipelineSpecOf<Source, Embedder, Sink> {
     /// The embedding cache; `None`: off.
     #[serde(default)]
     pub embed_cache: Option<EmbedCacheSpec>,
+    /// Most texts the handler may send in one `embed` call; a larger call is refused.
+    #[serde(default = "default_embed_max_texts_per_call")]
+    pub embed_max_texts_per_call: usize,
+    /// Most bytes of text the handler may send in one `embed` call; a larger call is refused.
+    #[serde(default = "default_embed_max_bytes_per_call")]
+    pub embed_max_bytes_per_call: usize,
+    /// Most texts the pipeline embeds per second; calls beyond it wait. `None`: no limit.
+    #[serde(default)]
+    pub embed_texts_per_second: Option<u32>,
     /// Most events per handler call.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -280,6 +289,9 @@ impl<Source, Embedder, Sink> PipelineSpecOf<Source, Embedder, Sink> {
             sink,
             collection: self.collection,
             embed_cache: self.embed_cache,
+            embed_max_texts_per_call: self.embed_max_texts_per_call,
+            embed_max_bytes_per_call: self.embed_max_bytes_per_call,
+            embed_texts_per_second: self.embed_texts_per_second,
             batch_size: self.batch_size,
             batch_wait_ms: self.batch_wait_ms,
             call_timeout_ms: self.call_timeout_ms,
@@ -307,6 +319,9 @@ impl PipelineSpec {
             sink: SinkSpec::default(),
             collection: None,
             embed_cache: None,
+            embed_max_texts_per_call: default_embed_max_texts_per_call(),
+            embed_max_bytes_per_call: default_embed_max_bytes_per_call(),
+            embed_texts_per_second: None,
             batch_size: default_batch_size(),
             batch_wait_ms: default_batch_wait_ms(),
             call_timeout_ms: default_call_timeout_ms(),
@@ -422,18 +437,6 @@ impl PipelineSpec {
         {
             problem(error.setting, error.problem);
         }
-        let positive = [
-            ("batch_size", self.batch_size as u64),
-            ("call_timeout_ms", self.call_timeout_ms),
-            ("memory_limit_mb", self.memory_limit_mb as u64),
-            ("max_attempts", u64::from(self.max_attempts)),
-            ("progress_secs", self.progress_secs),
-        ];
-        for (setting, value) in positive {
-            if value == 0 {
-                problem(setting, "must be at least 1".into());
-            }
-        }
         if let Some(cache) = &self.embed_cache
             && cache.max_mb < 16
         {
@@ -445,10 +448,36 @@ impl PipelineSpec {
                 ),
             );
         }
+        for setting in self.zero_settings() {
+            problem(setting, "must be at least 1".into());
+        }
+        problems
+    }
+
+    /// The settings that must be at least 1 and are 0.
+    fn zero_settings(&self) -> Vec<&'static str> {
+        let mut counts: Vec<(&'static str, u64)> = vec![
+            ("batch_size", self.batch_size as u64),
+            ("call_timeout_ms", self.call_timeout_ms),
+            ("memory_limit_mb", self.memory_limit_mb as u64),
+            ("max_attempts", u64::from(self.max_attempts)),
+            ("progress_secs", self.progress_secs),
+            (
+                "embed_max_texts_per_call",
+                self.embed_max_texts_per_call as u64,
+            ),
+            (
+                "embed_max_bytes_per_call",
+                self.embed_max_bytes_per_call as u64,
+            ),
+        ];
+        if let Some(rate) = self.embed_texts_per_second {
+            counts.push(("embed_texts_per_second", u64::from(rate)));
+        }
         match &self.embedder {
             EmbedderSpec::Minilm { threads, .. } => {
-                if *threads == Some(0) {
-                    problem("embedder.threads", "must be at least 1".into());
+                if let Some(threads) = threads {
+                    counts.push(("embedder.threads", *threads as u64));
                 }
             }
             EmbedderSpec::Openai {
@@ -459,45 +488,50 @@ impl PipelineSpec {
                 dimensions,
                 ..
             } => {
-                for (setting, value) in [
+                counts.extend([
                     ("embedder.max_inputs", *max_inputs as u64),
                     ("embedder.max_tokens", *max_tokens as u64),
                     ("embedder.concurrency", *concurrency as u64),
                     ("embedder.timeout_ms", *timeout_ms),
-                ] {
-                    if value == 0 {
-                        problem(setting, "must be at least 1".into());
-                    }
-                }
-                if *dimensions == Some(0) {
-                    problem("embedder.dimensions", "must be at least 1".into());
+                ]);
+                if let Some(dimensions) = dimensions {
+                    counts.push(("embedder.dimensions", *dimensions as u64));
                 }
             }
             EmbedderSpec::None { dimensions } => {
-                if *dimensions == 0 {
-                    problem("embedder.dimensions", "must be at least 1".into());
-                }
+                counts.push(("embedder.dimensions", *dimensions as u64));
             }
         }
         match &self.sink {
-            SinkSpec::Pgvector { pool_size, .. } if *pool_size == 0 => {
-                problem("sink.pool_size", "must be at least 1".into());
+            SinkSpec::Pgvector { pool_size, .. } => {
+                counts.push(("sink.pool_size", *pool_size as u64));
             }
             SinkSpec::Qdrant {
                 timeout_ms,
                 max_attempts,
                 ..
-            } => {
-                if *timeout_ms == 0 {
-                    problem("sink.timeout_ms", "must be at least 1".into());
-                }
-                if *max_attempts == 0 {
-                    problem("sink.max_attempts", "must be at least 1".into());
-                }
-            }
-            SinkSpec::Pgvector { .. } | SinkSpec::Jsonl => {}
+            } => counts.extend([
+                ("sink.timeout_ms", *timeout_ms),
+                ("sink.max_attempts", u64::from(*max_attempts)),
+            ]),
+            SinkSpec::Jsonl => {}
         }
-        problems
+        counts
+            .into_iter()
+            .filter(|(_, value)| *value == 0)
+            .map(|(setting, _)| setting)
+            .collect()
+    }
+
+    /// The limits on what this pipeline's handler may ask of its embedder.
+    pub fn embed_limits(&self) -> crate::embed::EmbedLimits {
+        crate::embed::EmbedLimits {
+            max_texts_per_call: self.embed_max_texts_per_call,
+            max_bytes_per_call: self.embed_max_bytes_per_call,
+            texts_per_second: self
+                .embed_texts_per_second
+                .and_then(std::num::NonZeroU32::new),
+        }
     }
 }
 
@@ -541,6 +575,12 @@ fn default_qdrant_max_attempts() -> u32 {
 }
 fn default_embed_cache_max_mb() -> u64 {
     1024
+}
+fn default_embed_max_texts_per_call() -> usize {
+    crate::embed::DEFAULT_MAX_TEXTS_PER_CALL
+}
+fn default_embed_max_bytes_per_call() -> usize {
+    crate::embed::DEFAULT_MAX_BYTES_PER_CALL
 }
 fn default_batch_size() -> usize {
     1000

@@ -7,6 +7,7 @@ mod cache;
 mod fair_share;
 mod minilm;
 mod openai;
+mod quota;
 
 use std::path::PathBuf;
 
@@ -19,6 +20,7 @@ pub use openai::{
     API_KEY_ENV, ApiKey, DEFAULT_BASE_URL, DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
     OpenAiEmbedder, RetryPolicy as OpenAiRetryPolicy,
 };
+pub use quota::{DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_TEXTS_PER_CALL, EmbedLimits, EmbedQuota};
 
 /// An error from a model runtime or tokenizer, kept as the `source` of an [`EmbedError`] so
 /// this module does not tie its public API to one inference library.
@@ -50,6 +52,18 @@ pub enum EmbedError {
     NotConfigured {
         /// How many texts the handler sent.
         texts: usize,
+    },
+    /// The handler asked more of the embedder in one call than its pipeline allows
+    /// ([`EmbedLimits`]); the same call will be refused again.
+    #[error(
+        "the handler asked to embed {asked} in one call, over its pipeline's limit of {limit}; \
+         send smaller calls or raise the limit"
+    )]
+    OverLimit {
+        /// What the call asked for (`"12000 texts"`).
+        asked: String,
+        /// The limit it broke (`"10000 texts per call"`).
+        limit: String,
     },
     /// An embedder returned another number of vectors than it was given texts.
     #[error("the embedder returned {returned} vectors for {expected} texts")]

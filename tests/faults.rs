@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use pgstream_e2e::tenants::upserted_ids;
 use pgstream_e2e::{HOST_RUN_TIMEOUT, PgServer, PgVersion, TestPipeline, wait_until};
 use tokio_postgres::NoTls;
 
@@ -115,19 +116,6 @@ async fn a_plugin_that_cannot_start_under_its_memory_limit_fails_before_a_slot_i
         slots, 0,
         "no slot is left holding WAL for a pipeline that never ran"
     );
-}
-
-/// The ids a jsonl sink file holds upserts for; a last line without its newline is still
-/// being written.
-fn upserted_ids(path: &std::path::Path) -> std::collections::BTreeSet<i64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_inclusive('\n')
-        .filter_map(|line| line.strip_suffix('\n'))
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("a JSON line"))
-        .filter(|line| line["op"] == "upsert")
-        .filter_map(|line| line["payload"]["id"].as_i64())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

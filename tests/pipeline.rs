@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pgstream_e2e::tenants::jsonl;
 use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, TestPipeline, model_dir, wait_until};
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 use serde_json::Value as Json;
@@ -58,17 +59,6 @@ fn pipeline<'a>(db: &'a TestDb, table: &str, plugin: &str, sink: Sink) -> TestPi
             path.display().to_string(),
         ]),
     }
-}
-
-/// The JSON lines a sink file holds. Tests read it while the host is still appending, so a
-/// last line without its newline is one being written and is left for the next read.
-fn jsonl(path: &Path) -> Vec<Json> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_inclusive('\n')
-        .filter_map(|line| line.strip_suffix('\n'))
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
 }
 
 /// The events the echo handler reported, in order: each upsert's payload.

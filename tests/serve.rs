@@ -4,91 +4,15 @@
 //! over when the active one is killed, with nothing lost.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use pgstream_e2e::{
-    HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, plugin_path, wait_until,
-    workspace_root,
-};
-use serde_json::Value as Json;
+use pgstream_e2e::tenants::{jsonl_pipeline, start_host, upserted, write_config};
+use pgstream_e2e::{HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, wait_until};
 use tempfile::TempDir;
 
-/// The JSON lines a sink file holds; a last line without its newline is still being written.
-fn jsonl(path: &Path) -> Vec<Json> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_inclusive('\n')
-        .filter_map(|line| line.strip_suffix('\n'))
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
-}
-
-/// The ids upserted into a jsonl sink, and the tables they came from.
-fn upserted(path: &Path) -> (BTreeSet<i64>, BTreeSet<String>) {
-    let mut ids = BTreeSet::new();
-    let mut tables = BTreeSet::new();
-    for line in jsonl(path) {
-        if line["op"] == "upsert" {
-            ids.insert(line["payload"]["id"].as_i64().expect("an id"));
-            tables.insert(line["table"].as_str().unwrap_or_default().to_owned());
-        }
-    }
-    (ids, tables)
-}
-
-/// One `[[pipeline]]` on `table`, writing the jsonl file `sink`, with test-friendly waits.
-fn pipeline_block(name: &str, table: &str, plugin: &str, sink: &Path, extra: &str) -> String {
-    format!(
-        "[[pipeline]]
-name = \"{name}\"
-source = \"db\"
-tables = [\"{table}\"]
-plugin = \"{}\"
-embedder = \"none\"
-sink = \"file\"
-collection = \"{}\"
-batch_wait_ms = 20
-progress_secs = 1
-retry_backoff_ms = 50
-{extra}
-",
-        plugin_path(plugin).display(),
-        sink.display()
-    )
-}
-
-/// A config file for `db` with the given pipeline blocks.
-fn write_config(folder: &Path, pipelines: &[String]) -> PathBuf {
-    let text = format!(
-        "[settings]
-plugin_cache_dir = \"{}\"
-
-[sources.db]
-dsn = \"${{TEST_SOURCE_DSN}}\"
-
-[embedders.none]
-kind = \"none\"
-dimensions = 4
-
-[sinks.file]
-kind = \"jsonl\"
-
-{}",
-        workspace_root().join("target/plugin-cache").display(),
-        pipelines.join("\n")
-    );
-    let path = folder.join("pgstream.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn host(command: &str, config: &Path, db: &TestDb) -> HostProcess {
-    let mut host = HostProcess::command();
-    host.args([command, "--config"])
-        .arg(config)
-        .env("TEST_SOURCE_DSN", db.dsn());
-    HostProcess::spawn(host).expect("start the host")
+    start_host(command, config, db)
 }
 
 async fn run_to_exit(command: &str, config: &Path, db: &TestDb) -> (bool, String) {
@@ -116,9 +40,10 @@ async fn validate_lists_every_problem_and_passes_a_good_file() {
     let a = folder.path().join("a.jsonl");
     let good = write_config(
         folder.path(),
+        "",
         &[
-            pipeline_block("tenant_a", "a_docs", "trap-handler", &a, ""),
-            pipeline_block(
+            jsonl_pipeline("tenant_a", "a_docs", "trap-handler", &a, ""),
+            jsonl_pipeline(
                 "tenant_b",
                 "b_docs",
                 "trap-handler",
@@ -133,16 +58,24 @@ async fn validate_lists_every_problem_and_passes_a_good_file() {
 
     let bad = write_config(
         folder.path(),
+        "",
         &[
-            pipeline_block("tenant_a", "a_docs", "trap-handler", &a, "batch_size = 0"),
+            jsonl_pipeline(
+                "tenant_a",
+                "a_docs",
+                "trap-handler",
+                &a,
+                "batch_size = 0\nembed_texts_per_second = 0",
+            ),
             // Same file as tenant_a, a slot name Postgres refuses.
-            pipeline_block("Tenant-B", "b_docs", "trap-handler", &a, ""),
+            jsonl_pipeline("Tenant-B", "b_docs", "trap-handler", &a, ""),
         ],
     );
     let (ok, log) = run_to_exit("validate", &bad, &db).await;
     assert!(!ok, "{log}");
     for needle in [
         "pipeline tenant_a: batch_size: must be at least 1",
+        "pipeline tenant_a: embed_texts_per_second: must be at least 1",
         "pipeline Tenant-B: name: invalid replication slot name \"Tenant-B\"",
         "both write jsonl",
     ] {
@@ -171,9 +104,10 @@ async fn tenants_are_isolated_and_a_failing_one_does_not_stop_its_neighbour() {
     let (a, b) = (folder.path().join("a.jsonl"), folder.path().join("b.jsonl"));
     let config = write_config(
         folder.path(),
+        "",
         &[
-            pipeline_block("tenant_a", "a_docs", "trap-handler", &a, ""),
-            pipeline_block("tenant_b", "b_docs", "trap-handler", &b, "max_attempts = 1"),
+            jsonl_pipeline("tenant_a", "a_docs", "trap-handler", &a, ""),
+            jsonl_pipeline("tenant_b", "b_docs", "trap-handler", &b, "max_attempts = 1"),
         ],
     );
     let mut serve = host("serve", &config, &db);
@@ -256,7 +190,8 @@ async fn a_standby_takes_over_when_the_active_host_is_killed_and_nothing_is_lost
     let sink = folder.path().join("docs.jsonl");
     let config = write_config(
         folder.path(),
-        &[pipeline_block("docs", "docs", "trap-handler", &sink, "")],
+        "",
+        &[jsonl_pipeline("docs", "docs", "trap-handler", &sink, "")],
     );
     let mut first = host("serve", &config, &db);
     first
@@ -300,4 +235,146 @@ async fn a_standby_takes_over_when_the_active_host_is_killed_and_nothing_is_lost
     assert_eq!(upserted(&sink).0, (1..=1000).collect());
     let status = second.terminate(HOST_RUN_TIMEOUT).await.unwrap();
     assert!(status.success(), "{}", second.log());
+}
+
+/// A TCP port that accepts connections and never answers: a sink that hangs.
+async fn black_hole() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (port, task)
+}
+
+/// The hostile kinds of the multi-tenant issue, each a pipeline of its own beside one
+/// well-behaved neighbour: the neighbour gets every row while each hostile pipeline is stopped
+/// (and restarted) for its own reason, and nothing a hostile batch did is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hostile_kind_is_contained_while_a_neighbour_keeps_flowing() {
+    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
+    let hostile = ["loop", "hog", "trap", "embed-flood", "log-flood", "hang"];
+    let table = |kind: &str| format!("h_{}", kind.replace('-', "_"));
+    let mut ddl = String::from("CREATE TABLE good_docs (id int PRIMARY KEY, content text);");
+    for kind in hostile {
+        ddl += &format!(
+            "CREATE TABLE {} (id int PRIMARY KEY, content text);",
+            table(kind)
+        );
+    }
+    db.exec(&ddl).await;
+    let (hang_port, _hole) = black_hole().await;
+    let folder = TempDir::new().unwrap();
+    let sink = |name: &str| folder.path().join(format!("{name}.jsonl"));
+    let mut pipelines = vec![jsonl_pipeline(
+        "good",
+        "good_docs",
+        "trap-handler",
+        &sink("good"),
+        "",
+    )];
+    for kind in hostile {
+        let name = table(kind);
+        pipelines.push(if kind == "hang" {
+            pgstream_e2e::tenants::pipeline(&name, &name, "trap-handler", "hang", "docs", "")
+        } else {
+            // Tight limits, so that the test does not wait long for them; the flood's batch
+            // is a million host calls and gets the default call timeout.
+            let limits = match kind {
+                "log-flood" => "",
+                _ => "call_timeout_ms = 1000\nmemory_limit_mb = 32\nmax_attempts = 2",
+            };
+            jsonl_pipeline(&name, &name, "hostile-handler", &sink(&name), limits)
+        });
+    }
+    let config = write_config(
+        folder.path(),
+        &format!(
+            "[sinks.hang]\nkind = \"qdrant\"\nurl = \"http://127.0.0.1:{hang_port}\"\n\
+             timeout_ms = 500\nmax_attempts = 1\n"
+        ),
+        &pipelines,
+    );
+    let mut serve = host("serve", &config, &db);
+    // Every pipeline but the one whose sink hangs reaches the stream.
+    wait_until(HOST_RUN_TIMEOUT, || async {
+        serve.log().matches(" streaming ").count() >= hostile.len()
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the pipelines stream: {error}\n{}", serve.log()));
+
+    insert(&db, "good_docs", 1..=100).await;
+    for kind in hostile {
+        insert(&db, &table(kind), 1..=10).await;
+        db.exec(&format!(
+            "INSERT INTO {} VALUES (11, '{kind}')",
+            table(kind)
+        ))
+        .await;
+    }
+    // Each misdeed is caught and named in the log.
+    let reasons = [
+        ("h_loop", "time limit"),
+        ("h_hog", "memory"),
+        ("h_trap", "hostile-handler traps on purpose"),
+        (
+            "h_embed_flood",
+            "over its pipeline's limit of 10000 texts per call",
+        ),
+        ("h_hang", "127.0.0.1"),
+    ];
+    for (name, reason) in reasons {
+        wait_until(Duration::from_secs(90), || async {
+            serve
+                .log()
+                .lines()
+                .any(|line| line.contains(name) && line.contains(reason))
+        })
+        .await
+        .unwrap_or_else(|error| {
+            panic!("{name} is stopped for {reason:?}: {error}\n{}", serve.log())
+        });
+    }
+    // The neighbour flowed all along, and goes on.
+    insert(&db, "good_docs", 101..=300).await;
+    wait_until(Duration::from_secs(60), || async {
+        upserted(&sink("good")).0.len() == 300
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the neighbour keeps flowing: {error}\n{}", serve.log()));
+    assert_eq!(upserted(&sink("good")).0, (1..=300).collect());
+
+    // The log flood is cut to the budget, and its batch is handled.
+    wait_until(Duration::from_secs(60), || async {
+        upserted(&sink("h_log_flood")).0.len() == 11
+    })
+    .await
+    .unwrap_or_else(|error| {
+        panic!(
+            "the flooding tenant's rows arrive: {error}\n{}",
+            serve.log()
+        )
+    });
+    let log = serve.log();
+    let flood_lines = log.matches("hostile-handler flood line").count();
+    assert!(
+        (1..10_000).contains(&flood_lines),
+        "{flood_lines} of the 1,000,000 flood lines reached the log"
+    );
+    assert!(
+        log.contains("dropped"),
+        "the dropped lines are counted:\n{log}"
+    );
+
+    // Nothing of a poison batch was confirmed: the rows before it may have arrived in an
+    // earlier batch, row 11 never did.
+    for kind in ["loop", "hog", "trap", "embed-flood"] {
+        let ids = upserted(&sink(&table(kind))).0;
+        assert!(!ids.contains(&11), "{kind}: {ids:?}");
+    }
+    let status = serve.terminate(HOST_RUN_TIMEOUT).await.unwrap();
+    assert!(status.success(), "serve stops cleanly:\n{}", serve.log());
 }

@@ -13,6 +13,7 @@
 //!   vectors, a record of every request, and failures on demand.
 //! - [`FakeQdrant`] serves Qdrant's gRPC API in process, for the Qdrant sink's tests and
 //!   benchmarks.
+//! - [`tenants`] writes config files of several pipelines and reads their jsonl sinks.
 //! - [`host_binary`], [`plugin_path`] and [`model_dir`] find what `make setup`, `make guests`
 //!   and cargo built or installed.
 
@@ -23,6 +24,7 @@ mod installation;
 mod openai_server;
 mod postgres;
 mod qdrant_server;
+pub mod tenants;
 mod test_pipeline;
 mod wait;
 mod watchdog;

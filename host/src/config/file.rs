@@ -158,45 +158,23 @@ impl ConfigFile {
                 problem(at, format!("sources.{}.dsn: {error}", entry.source));
                 continue;
             }
-            let embedder = match &entry.embedder {
-                None => EmbedderSpec::default(),
-                Some(name) => match raw.embedders.get(name) {
-                    Some(spec) => match spec.interpolate(&env) {
-                        Ok(spec) => spec,
-                        Err(message) => {
-                            problem(at, format!("embedders.{name}.api_key: {message}"));
-                            continue;
-                        }
-                    },
-                    None => {
-                        problem(
-                            at,
-                            format!(
-                                "embedder {name:?} is not defined; add an [embedders.{name}] table"
-                            ),
-                        );
-                        continue;
+            let embedder = shared_block(
+                &raw.embedders,
+                entry.embedder.as_deref(),
+                "embedder",
+                |spec| spec.interpolate(&env),
+            );
+            let sink = shared_block(&raw.sinks, entry.sink.as_deref(), "sink", |spec| {
+                spec.interpolate(&env)
+            });
+            let (embedder, sink) = match (embedder, sink) {
+                (Ok(embedder), Ok(sink)) => (embedder, sink),
+                (embedder, sink) => {
+                    for message in [embedder.err(), sink.err()].into_iter().flatten() {
+                        problem(at.clone(), message);
                     }
-                },
-            };
-            let sink = match &entry.sink {
-                None => SinkSpec::default(),
-                Some(name) => match raw.sinks.get(name) {
-                    Some(spec) => match spec.interpolate(&env) {
-                        Ok(spec) => spec,
-                        Err(message) => {
-                            problem(at, format!("sinks.{name}: {message}"));
-                            continue;
-                        }
-                    },
-                    None => {
-                        problem(
-                            at,
-                            format!("sink {name:?} is not defined; add a [sinks.{name}] table"),
-                        );
-                        continue;
-                    }
-                },
+                    continue;
+                }
             };
             let mut spec = entry.with_parts(source, embedder, sink);
             spec.plugin = folder.join(&spec.plugin);
@@ -322,7 +300,9 @@ impl EmbedderSpec {
             api_key: Some(key), ..
         } = &mut spec
         {
-            *key = key.interpolate(env)?;
+            *key = key
+                .interpolate(env)
+                .map_err(|error| format!("api_key: {error}"))?;
         }
         Ok(spec)
     }
@@ -348,6 +328,25 @@ impl SinkSpec {
         }
         Ok(spec)
     }
+}
+
+/// The shared `kind` block (`[embedders.NAME]`, `[sinks.NAME]`) a pipeline names, its secrets
+/// read by `interpolate`; the default when the pipeline names none.
+fn shared_block<T: Default>(
+    blocks: &BTreeMap<String, T>,
+    name: Option<&str>,
+    kind: &str,
+    interpolate: impl Fn(&T) -> Result<T, String>,
+) -> Result<T, String> {
+    let Some(name) = name else {
+        return Ok(T::default());
+    };
+    let Some(block) = blocks.get(name) else {
+        return Err(format!(
+            "{kind} {name:?} is not defined; add a [{kind}s.{name}] table"
+        ));
+    };
+    interpolate(block).map_err(|message| format!("{kind}s.{name}.{message}"))
 }
 
 /// Where relative paths in a file at `path` are taken from.

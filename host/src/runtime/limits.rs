@@ -47,6 +47,11 @@ struct ClockState {
     started: Instant,
     host_time: Duration,
     in_host_since: Option<Instant>,
+    /// Epoch ticks that found the guest running wasm code in this call.
+    ticks: u32,
+    /// Whether this call is throttled after its burst: `handle` calls are, instantiation
+    /// (an interpreter's start, once per instance) is not.
+    throttled: bool,
 }
 
 impl CallClock {
@@ -56,6 +61,8 @@ impl CallClock {
                 started: Instant::now(),
                 host_time: Duration::ZERO,
                 in_host_since: None,
+                ticks: 0,
+                throttled: false,
             }),
         }
     }
@@ -64,13 +71,24 @@ impl CallClock {
         change(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Starts measuring a new call.
+    /// Starts measuring a new `handle` call.
     pub(crate) fn start_call(&self) {
+        self.start(true);
+    }
+
+    /// Starts measuring an instantiation: never throttled.
+    pub(crate) fn start_instantiation(&self) {
+        self.start(false);
+    }
+
+    fn start(&self, throttled: bool) {
         self.update(|state| {
             *state = ClockState {
                 started: Instant::now(),
                 host_time: Duration::ZERO,
                 in_host_since: None,
+                ticks: 0,
+                throttled,
             }
         });
     }
@@ -99,6 +117,15 @@ impl CallClock {
             now.saturating_duration_since(state.started)
                 .saturating_sub(state.host_time)
                 .saturating_sub(in_host)
+        })
+    }
+
+    /// Counts an epoch tick that found the guest computing; true once the call has computed
+    /// for more than `burst` ticks and is throttled.
+    pub(crate) fn computed_tick(&self, burst: u32) -> bool {
+        self.update(|state| {
+            state.ticks = state.ticks.saturating_add(1);
+            state.throttled && state.ticks > burst
         })
     }
 
@@ -261,5 +288,18 @@ mod clock_tests {
         );
         clock.start_call();
         assert!(clock.guest_elapsed() < Duration::from_millis(20));
+    }
+
+    #[test]
+    fn handle_calls_are_throttled_after_their_burst_and_instantiation_never() {
+        let clock = CallClock::new();
+        clock.start_call();
+        let throttled: Vec<bool> = (0..5).map(|_| clock.computed_tick(3)).collect();
+        assert_eq!(throttled, [false, false, false, true, true]);
+        // A new call gets its burst again.
+        clock.start_call();
+        assert!(!clock.computed_tick(3));
+        clock.start_instantiation();
+        assert!((0..100).all(|_| !clock.computed_tick(3)));
     }
 }

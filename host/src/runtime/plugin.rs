@@ -14,7 +14,7 @@ use wasmtime::component::{ComponentExportIndex, InstancePre, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::engine::EngineShared;
+use super::engine::{EPOCH_TICK, EngineShared};
 use super::error::RuntimeError;
 use super::event_records::{HandleParams, HandleResults};
 use super::guest_output::{GuestOutput, StreamKind};
@@ -40,6 +40,15 @@ struct PluginInner {
     instance_pre: InstancePre<StoreState>,
     handle_export: ComponentExportIndex,
 }
+
+/// Epoch ticks (10 ms each) a handler call may compute at full speed. Handlers that do real
+/// work per batch (decode, chunk, build points) take a few milliseconds; one still computing
+/// after this long is most likely stuck, and shares the CPU with others from then on.
+const CPU_BURST_TICKS: u32 = 10;
+
+/// After its burst, a computing guest pauses this long after each tick it runs: at most a
+/// fifth of a core. The pause counts against its time limit, which still stops it.
+const CPU_THROTTLE_PAUSE: Duration = Duration::from_millis(4 * EPOCH_TICK.as_millis() as u64);
 
 /// The guest's time limit ran out; the error the epoch callback traps the guest with.
 #[derive(Debug, thiserror::Error)]
@@ -130,15 +139,24 @@ impl Plugin {
                 return Err(DeadlineExceeded(state.call_timeout).into());
             }
             // Yielding at every tick lets other pipelines' tasks run on this worker thread
-            // while a guest computes.
-            Ok(UpdateDeadline::Yield(1))
+            // while a guest computes. A call that keeps computing past its burst (a loop, a
+            // flood of log calls) is throttled to a share of a core, so on a host with few
+            // cores it cannot take one away from its neighbours for the whole of its time limit.
+            if state.clock.computed_tick(CPU_BURST_TICKS) {
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::time::sleep(CPU_THROTTLE_PAUSE)),
+                ))
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
         });
 
         let instantiate_error = |e: wasmtime::Error| RuntimeError::Instantiate {
             log_target: log_target.to_string(),
             source: e.into(),
         };
-        clock.start_call();
+        clock.start_instantiation();
         store.set_epoch_deadline(1);
         // Epoch ticks only stop running wasm code: start code blocked in a WASI poll or sleep
         // would hang here, so the whole instantiation is bounded too.

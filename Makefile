@@ -139,7 +139,10 @@ demo: $(VENV_STAMP) wasm-target
 #              both rates, their ratio, the host's peak RSS (tests/benches/pipeline.rs)
 #   embedding  the pipeline with the real model into each sink, against the raw embedder
 #   languages  size, cold start and throughput of the no-op handler per language, against Rust
+#   multi_tenant  four tenants alone and beside each hostile kind, 50 pipelines against one,
+#              and the seconds a standby host needs to take a pipeline over
 #   decoder    the pgoutput decoder alone (criterion)
+#   instances  handler instances with wasmtime's on-demand and pooling allocators
 # `cargo bench` builds into the release profile, where the benches look for the host binary.
 BENCH_ENV = PGSTREAM_PLUGIN_DIR=$(WASM_DIR) PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN)
 
@@ -148,7 +151,9 @@ bench: setup guests guests-js-starlingmonkey
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench pipeline
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench embedding
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench languages
+	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench multi_tenant
 	cargo bench -p pgstream-host --bench decoder
+	$(BENCH_ENV) cargo bench -p pgstream-host --bench instances
 
 lint:
 	cargo fmt --all --check

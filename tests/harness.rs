@@ -26,7 +26,7 @@ async fn check_configuration(version: PgVersion) {
     for (setting, expected) in [
         ("wal_level", "logical"),
         ("wal_sender_timeout", "10s"),
-        ("max_replication_slots", "20"),
+        ("max_replication_slots", "80"),
         ("listen_addresses", "127.0.0.1"),
         ("server_encoding", "UTF8"),
     ] {

@@ -212,8 +212,19 @@ pub async fn drain_host(args: &[String], expected_events: u64, timeout: Duration
 
 /// `VmHWM:  12345 kB` from `/proc/<pid>/status`.
 fn vm_hwm_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    status_kib(status, "VmHWM:")
+}
+
+/// A `<field>  12345 kB` line of `/proc/<pid>/status`, in KiB.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The resident memory (`VmRSS`) of process `pid` now, in KiB; `None` once it has exited.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_kib(&status, "VmRSS:")
 }
 
 /// User plus system time from `/proc/<pid>/stat` (fields 14 and 15, in clock ticks of 1/100 s,

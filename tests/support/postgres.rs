@@ -319,10 +319,10 @@ impl PgServer {
              listen_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{socket_dir}'\n\
              wal_level = logical\n\
-             max_replication_slots = 20\n\
-             max_wal_senders = 20\n\
+             max_replication_slots = 80\n\
+             max_wal_senders = 80\n\
              wal_sender_timeout = '10s'\n\
-             max_connections = 100\n\
+             max_connections = 300\n\
              shared_buffers = '32MB'\n\
              fsync = off\n\
              full_page_writes = off\n\

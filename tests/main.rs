@@ -14,3 +14,4 @@ mod pipeline;
 mod qdrant;
 mod scaffold;
 mod serve;
+mod wal_guard;

@@ -88,7 +88,11 @@ impl PipelineFailure {
                 error,
                 AssemblyError::Spec(_) | AssemblyError::Plugin { .. } | AssemblyError::Engine(_)
             ),
-            PipelineFailure::Run(error) => matches!(error, PipelineError::Plugin { .. }),
+            PipelineFailure::Run(error) => matches!(
+                error,
+                PipelineError::Plugin { .. }
+                    | PipelineError::Source(crate::source::SourceError::SlotLost { .. })
+            ),
             PipelineFailure::Panicked(_) => false,
         }
     }

@@ -32,8 +32,8 @@ mod tls;
 pub use config::{SourceConfig, SslMode};
 pub use error::{ReplicationError, ServerError};
 pub use setup::{
-    InvalidNameError, ParseTableNameError, PreflightError, SetupReport, TableName, TeardownReport,
-    preflight, setup, slot_confirmed_flush_lsn, teardown, validate_publication_name,
-    validate_slot_name,
+    InvalidNameError, ParseTableNameError, PreflightError, SetupReport, SlotWal, TableName,
+    TeardownReport, preflight, setup, slot_confirmed_flush_lsn, slot_wal, teardown,
+    validate_publication_name, validate_slot_name,
 };
 pub use stream::{ReplicationStream, StreamOptions, WalMessage};

@@ -1,6 +1,6 @@
 //! The SQL side of replication, over a regular connection: checking that the source can be
 //! replicated at all (`preflight`), creating the publication and slot idempotently (`setup`),
-//! removing them (`teardown`), and reading a slot's confirmed position.
+//! removing them (`teardown`), and reading a slot's confirmed position and its hold on WAL.
 //!
 //! Slot and publication names are checked before any SQL runs, and `setup` undoes what it
 //! created when a later step fails, so a refused setup leaves the database as it found it.
@@ -448,6 +448,54 @@ pub async fn slot_confirmed_flush_lsn(
     text.parse()
         .map(Some)
         .map_err(|_| ReplicationError::Protocol(format!("server returned unparsable LSN {text:?}")))
+}
+
+/// How much WAL a slot holds back, as `pg_replication_slots` reports it (Postgres 13+).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotWal {
+    /// `reserved`, `extended`, `unreserved` (the next checkpoint may remove WAL the slot needs)
+    /// or `lost` (it has: the slot is invalidated and can stream no more).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL retained for the slot: the server's WAL position minus its `restart_lsn`.
+    pub retained_bytes: Option<i64>,
+    /// Bytes that can still be written before the slot is in danger of being lost; `None`
+    /// when `max_slot_wal_keep_size` is unlimited.
+    pub safe_wal_size: Option<i64>,
+}
+
+impl SlotWal {
+    /// The slot has been invalidated.
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
+
+    /// The slot is at risk: WAL it needs may be removed at the next checkpoint, or it holds
+    /// more than half of what `max_slot_wal_keep_size` lets it retain.
+    pub fn is_at_risk(&self) -> bool {
+        if self.wal_status.as_deref() == Some("unreserved") {
+            return true;
+        }
+        match (self.retained_bytes, self.safe_wal_size) {
+            (Some(retained), Some(safe)) => retained >= safe,
+            _ => false,
+        }
+    }
+}
+
+/// The slot's hold on WAL, or `None` when there is no such slot.
+pub async fn slot_wal(client: &Client, slot: &str) -> Result<Option<SlotWal>, ReplicationError> {
+    let row = client
+        .query_opt(
+            "SELECT wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|row| SlotWal {
+        wal_status: row.get(0),
+        retained_bytes: row.get(1),
+        safe_wal_size: row.get(2),
+    }))
 }
 
 /// A reason the source cannot be replicated, with the fix in the message.

@@ -11,6 +11,7 @@
 //!   driven in-process; and the place where a backfill merges existing rows into the stream.
 
 mod postgres;
+mod slot_guard;
 mod wal_events;
 
 use async_trait::async_trait;
@@ -57,6 +58,21 @@ pub enum SourceError {
     /// The stream held something that cannot become events.
     #[error(transparent)]
     Events(#[from] WalEventError),
+    /// Postgres invalidated the slot: it removed WAL the slot still needed, so changes since
+    /// the last confirmed position are gone. Never retried, and the slot is never silently
+    /// replaced: only an operator can decide how to refill what was missed.
+    #[error(
+        "replication slot {slot:?} was invalidated by Postgres (wal_status = lost): it held \
+         back more WAL than max_slot_wal_keep_size allows, so the changes after its last \
+         confirmed position are gone. Drop it with `pgstream-host teardown` (same source \
+         settings), start the pipeline again to make a new slot, and re-sync the sink from the \
+         tables, since rows changed meanwhile were not delivered; raise \
+         max_slot_wal_keep_size or fix what kept the pipeline from confirming"
+    )]
+    SlotLost {
+        /// The slot's name.
+        slot: String,
+    },
 }
 
 // Boxed: a replication error is large and every source result would carry its size.
@@ -72,7 +88,9 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Replication(error) => error.is_retryable(),
-            SourceError::Preflight(_) | SourceError::Events(_) => false,
+            SourceError::Preflight(_) | SourceError::Events(_) | SourceError::SlotLost { .. } => {
+                false
+            }
         }
     }
 }

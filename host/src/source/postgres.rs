@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use tracing::{info, warn};
 
+use super::slot_guard::SlotGuard;
 use super::{ChangeSource, SourceError, SourceItem, WalEvents};
 use crate::lsn::Lsn;
 use crate::replication::{
@@ -28,6 +29,8 @@ pub struct PostgresSource {
     options: StreamOptions,
     events: WalEvents,
     stream: Option<ReplicationStream>,
+    /// Watches the slot's hold on WAL while streaming.
+    guard: Option<SlotGuard>,
 }
 
 impl PostgresSource {
@@ -50,6 +53,7 @@ impl PostgresSource {
             options,
             events: WalEvents::new(HashMap::new()),
             stream: None,
+            guard: None,
         }
     }
 }
@@ -77,6 +81,21 @@ impl ChangeSource for PostgresSource {
         }
         let primary_keys = primary_keys(&client, &self.tables).await?;
         self.events = WalEvents::new(primary_keys);
+        // An invalidated slot cannot stream, and replacing it would skip changes silently.
+        match replication::slot_wal(&client, &self.slot).await? {
+            Some(wal) if wal.is_lost() => {
+                return Err(SourceError::SlotLost {
+                    slot: self.slot.clone(),
+                });
+            }
+            Some(wal) if wal.is_at_risk() => warn!(
+                pipeline = %self.pipeline, slot = %self.slot,
+                wal_status = wal.wal_status.as_deref().unwrap_or("unknown"),
+                retained_mib = wal.retained_bytes.unwrap_or(0) / (1024 * 1024),
+                "the replication slot holds back WAL close to max_slot_wal_keep_size"
+            ),
+            _ => {}
+        }
         let confirmed = replication::slot_confirmed_flush_lsn(&client, &self.slot)
             .await?
             .unwrap_or(Lsn::ZERO);
@@ -87,15 +106,27 @@ impl ChangeSource for PostgresSource {
         // A session that ended badly is dropped without ceremony; the new one replays.
         self.stream = None;
         self.events.reset();
-        let stream = ReplicationStream::start(
+        let started = ReplicationStream::start(
             &self.config,
             &self.slot,
             &self.publication,
             from,
             self.options.clone(),
         )
-        .await?;
+        .await;
+        let stream = match started {
+            Ok(stream) => stream,
+            Err(error) if !error.is_retryable() && self.slot_is_lost().await => {
+                return Err(SourceError::SlotLost {
+                    slot: self.slot.clone(),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
         self.stream = Some(stream);
+        if self.guard.is_none() {
+            self.guard = Some(SlotGuard::start(&self.pipeline, &self.config, &self.slot));
+        }
         Ok(())
     }
 
@@ -138,9 +169,25 @@ impl ChangeSource for PostgresSource {
     }
 
     async fn stop(&mut self) {
+        self.guard = None;
         if let Some(stream) = self.stream.take() {
             stream.shutdown().await.ok();
         }
+    }
+}
+
+impl PostgresSource {
+    /// Whether Postgres has invalidated the slot: asked when starting a session failed, since
+    /// the server's refusal to stream from a lost slot is a generic "object not in
+    /// prerequisite state". Unknown (no connection) counts as not lost.
+    async fn slot_is_lost(&self) -> bool {
+        let Ok(client) = self.config.connect_sql().await else {
+            return false;
+        };
+        matches!(
+            replication::slot_wal(&client, &self.slot).await,
+            Ok(Some(wal)) if wal.is_lost()
+        )
     }
 }
 

@@ -9,6 +9,7 @@ mod embed_cache;
 mod faults;
 mod harness;
 mod languages;
+mod metrics;
 mod openai;
 mod pipeline;
 mod qdrant;

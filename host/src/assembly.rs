@@ -21,6 +21,7 @@ use crate::embed::{
     Embedder, FairShare, MiniLmEmbedder, MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder,
     default_model_dir,
 };
+use crate::metrics::Metrics;
 use crate::pipeline::{BatchOptions, Pipeline, PipelineConfig, RetryPolicy};
 use crate::replication::{ReplicationError, SourceConfig, StreamOptions};
 use crate::runtime::{EngineOptions, Limits, Plugin, PluginEngine, RuntimeError};
@@ -73,6 +74,8 @@ pub struct SharedResources {
     engine: PluginEngine,
     /// In-process models by folder and thread count.
     models: Mutex<HashMap<(PathBuf, usize), Arc<dyn Embedder>>>,
+    /// Every pipeline's metrics, served by `--metrics-addr`.
+    metrics: Arc<Metrics>,
 }
 
 impl SharedResources {
@@ -88,7 +91,13 @@ impl SharedResources {
         Ok(SharedResources {
             engine,
             models: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// The process's metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The engine every plugin is compiled and run by.

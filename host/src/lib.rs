@@ -26,6 +26,7 @@ pub mod embed;
 pub mod error_chain;
 pub mod event;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod point;

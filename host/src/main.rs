@@ -371,6 +371,12 @@ struct Args {
     #[arg(long, env = "PGSTREAM_CACHE_DIR", global = true)]
     cache_dir: Option<PathBuf>,
 
+    /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address (for
+    /// example 127.0.0.1:9187). Off by default. With `serve`, `metrics_addr` in the config
+    /// file's [settings].
+    #[arg(long, env = "PGSTREAM_METRICS_ADDR", global = true)]
+    metrics_addr: Option<std::net::SocketAddr>,
+
     /// Stop once every change up to this WAL position (e.g. 0/16B3748) is handled and
     /// confirmed, then exit 0.
     #[arg(long, env = "PGSTREAM_STOP_AT_LSN", global = true)]
@@ -465,7 +471,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::New { lang, name }) => new_project(lang.into(), &name),
         Some(Command::Validate(config)) => validate(&config.config).await,
-        Some(Command::Serve(config)) => serve(&config.config).await,
+        Some(Command::Serve(config)) => serve(&config.config, cli.args.metrics_addr).await,
         Some(Command::Status(config)) => status(&config.config).await,
         Some(Command::Pipeline(command)) => run_pipeline_command(command, cli.args).await,
         None => run_pipeline_command(PipelineCommand::Run, cli.args).await,
@@ -550,8 +556,10 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
                 bail!("no handler: pass --plugin handler.wasm or set PGSTREAM_PLUGIN");
             }
             let shutdown = listen_for_shutdown();
-            let shared = SharedResources::new(&process_settings(&args)).map_err(cli_error)?;
-            let supervisor = Supervisor::new(Arc::new(shared), vec![spec], RestartPolicy::never());
+            let settings = process_settings(&args);
+            let shared = Arc::new(SharedResources::new(&settings).map_err(cli_error)?);
+            let supervisor = Supervisor::new(shared.clone(), vec![spec], RestartPolicy::never());
+            let _endpoint = serve_metrics(&settings, &shared).await?;
             let outcome = supervisor
                 .run(shutdown)
                 .await
@@ -608,16 +616,42 @@ async fn validate(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Starts the metrics endpoint when `settings` ask for one; it stops when the guard drops.
+async fn serve_metrics(
+    settings: &ProcessSettings,
+    shared: &SharedResources,
+) -> Result<Option<AbortOnDrop>> {
+    let Some(addr) = settings.metrics_addr else {
+        return Ok(None);
+    };
+    let task = pgstream_host::metrics::server::serve(addr, shared.metrics().clone()).await?;
+    Ok(Some(AbortOnDrop(task)))
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `serve`: every pipeline of the file under one supervisor.
-async fn serve(path: &Path) -> Result<()> {
-    let file = ConfigFile::load(path)?;
+async fn serve(path: &Path, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
+    let mut file = ConfigFile::load(path)?;
+    // The flag wins over the file, like every flag.
+    if metrics_addr.is_some() {
+        file.settings.metrics_addr = metrics_addr;
+    }
     let shutdown = listen_for_shutdown();
-    let shared = SharedResources::new(&file.settings).map_err(cli_error)?;
+    let shared = Arc::new(SharedResources::new(&file.settings).map_err(cli_error)?);
     let count = file.pipelines.len();
     info!(config = %path.display(), pipelines = count, "serving");
     let host = coordination::host_identity();
-    let supervisor = Supervisor::new(Arc::new(shared), file.pipelines, RestartPolicy::default())
+    let supervisor = Supervisor::new(shared.clone(), file.pipelines, RestartPolicy::default())
         .coordinated(&host);
+    let _endpoint = serve_metrics(&file.settings, &shared).await?;
     let outcomes = supervisor.run(shutdown).await;
     let failed: Vec<String> = outcomes
         .iter()
@@ -819,6 +853,7 @@ fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
 fn process_settings(args: &Args) -> ProcessSettings {
     ProcessSettings {
         plugin_cache_dir: args.cache_dir.clone(),
+        metrics_addr: args.metrics_addr,
     }
 }
 

@@ -127,6 +127,8 @@ impl Supervisor {
             .into_iter()
             .map(|spec| {
                 let status = StatusHandle::new(&spec.name);
+                // Reported from the start, so /readyz sees a pipeline that never assembles.
+                shared.metrics().watch(&status);
                 (spec, status)
             })
             .collect();
@@ -245,7 +247,14 @@ async fn supervise(
                 // Its own task, so a panic anywhere in the pipeline ends only this attempt.
                 tokio::spawn(async move {
                     let pipeline = assemble(&spec, &shared).await?;
-                    Ok::<_, PipelineFailure>(pipeline.with_status(status).run(stop).await?)
+                    let metrics = shared.metrics().pipeline(&status);
+                    Ok::<_, PipelineFailure>(
+                        pipeline
+                            .with_status(status)
+                            .with_metrics(metrics)
+                            .run(stop)
+                            .await?,
+                    )
                 })
             };
             let mut publish = tokio::time::interval(LEASE_INTERVAL);

@@ -53,6 +53,9 @@ pub struct ProcessSettings {
     /// `~/.cache/pgstream-host`.
     #[serde(default)]
     pub plugin_cache_dir: Option<PathBuf>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (`127.0.0.1:9187`); off when `None`.
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Where vectors are made.

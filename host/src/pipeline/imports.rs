@@ -13,10 +13,12 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 
 use crate::embed::Embedder;
+use crate::metrics::PipelineMetrics;
 use crate::point::{Point, PointKey};
 use crate::replication::TableName;
 use crate::runtime::{HostImports, ImportError, ImportErrorKind};
@@ -28,6 +30,7 @@ pub struct PipelineImports {
     sink: Arc<dyn Sink>,
     /// The (schema, table) pairs whose points the handler may write.
     tables: HashSet<(String, String)>,
+    metrics: PipelineMetrics,
 }
 
 impl PipelineImports {
@@ -45,7 +48,14 @@ impl PipelineImports {
             embedder,
             sink,
             tables,
+            metrics: PipelineMetrics::default(),
         }
+    }
+
+    /// Counts embed calls and sink writes into `metrics`.
+    pub fn with_metrics(mut self, metrics: PipelineMetrics) -> PipelineImports {
+        self.metrics = metrics;
+        self
     }
 
     /// Refuses a write for a table the pipeline does not watch.
@@ -83,37 +93,50 @@ fn import_error(error: &dyn std::error::Error, retryable: bool) -> ImportError {
 #[async_trait]
 impl HostImports for PipelineImports {
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError> {
-        self.embedder
+        let started = Instant::now();
+        let vectors = self
+            .embedder
             .embed(&texts)
             .await
-            .map_err(|error| import_error(&error, error.is_retryable()))
+            .map_err(|error| import_error(&error, error.is_retryable()))?;
+        self.metrics.embedded(texts.len(), started.elapsed());
+        Ok(vectors)
     }
 
     async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError> {
         for point in &points {
             self.check_table(&point.key.schema, &point.key.table)?;
         }
+        let started = Instant::now();
         self.sink
             .upsert(&points)
             .await
-            .map_err(|error| import_error(&error, error.is_retryable()))
+            .map_err(|error| import_error(&error, error.is_retryable()))?;
+        self.metrics.upserted(points.len(), started.elapsed());
+        Ok(())
     }
 
     async fn delete(&self, keys: Vec<PointKey>) -> Result<(), ImportError> {
         for key in &keys {
             self.check_table(&key.schema, &key.table)?;
         }
+        let started = Instant::now();
         self.sink
             .delete(&keys)
             .await
-            .map_err(|error| import_error(&error, error.is_retryable()))
+            .map_err(|error| import_error(&error, error.is_retryable()))?;
+        self.metrics.deleted(keys.len(), started.elapsed());
+        Ok(())
     }
 
     async fn delete_table(&self, schema: String, table: String) -> Result<(), ImportError> {
         self.check_table(&schema, &table)?;
+        let started = Instant::now();
         self.sink
             .delete_table(&schema, &table)
             .await
-            .map_err(|error| import_error(&error, error.is_retryable()))
+            .map_err(|error| import_error(&error, error.is_retryable()))?;
+        self.metrics.deleted(0, started.elapsed());
+        Ok(())
     }
 }

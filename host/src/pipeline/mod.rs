@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::embed::Embedder;
 use crate::event::ChangeEvent;
 use crate::lsn::Lsn;
+use crate::metrics::{FailureCause, PipelineMetrics};
 use crate::replication::TableName;
 use crate::runtime::{HandleError, HandlerInstance, ImportErrorKind, Limits, Plugin, RuntimeError};
 use crate::sink::{Sink, SinkError};
@@ -218,6 +219,7 @@ pub struct Pipeline {
     /// Kept for the progress log (its cache hit rate); calls go through `imports`.
     embedder: Arc<dyn Embedder>,
     status: StatusHandle,
+    metrics: PipelineMetrics,
 }
 
 impl Pipeline {
@@ -246,7 +248,22 @@ impl Pipeline {
             dimensions,
             embedder,
             status,
+            metrics: PipelineMetrics::default(),
         }
+    }
+
+    /// Counts into `metrics` (the process's registry) instead of metrics of its own.
+    pub fn with_metrics(mut self, metrics: PipelineMetrics) -> Pipeline {
+        self.imports = Arc::new(
+            PipelineImports::new(
+                self.embedder.clone(),
+                self.sink.clone(),
+                &self.config.tables,
+            )
+            .with_metrics(metrics.clone()),
+        );
+        self.metrics = metrics;
+        self
     }
 
     /// Reports into `status` instead of a handle of its own (a supervisor keeps one per
@@ -580,8 +597,12 @@ impl Pipeline {
                 Some(instance) => instance,
                 None => handler.insert(self.instantiate().await?),
             };
-            let error = match instance.handle(events).await {
+            let called = Instant::now();
+            let outcome = instance.handle(events).await;
+            let took = called.elapsed();
+            let error = match outcome {
                 Ok(()) => {
+                    self.metrics.batch_handled(events, took);
                     if tries > 1 {
                         info!(pipeline = %config.name, tries, "the batch went through after retrying");
                         self.status.set_state(PipelineState::Streaming);
@@ -591,6 +612,14 @@ impl Pipeline {
                 Err(error) => error,
             };
             let import_failure = instance.last_import_failure().map(|failure| failure.kind);
+            self.metrics.batch_failed(
+                match import_failure {
+                    Some(ImportErrorKind::Refused) => FailureCause::Refused,
+                    Some(ImportErrorKind::Unavailable) => FailureCause::Unavailable,
+                    None => FailureCause::Handler,
+                },
+                took,
+            );
             // A failed instance may hold half-updated guest state (or be poisoned by a trap):
             // the retry always starts from a fresh one.
             *handler = None;

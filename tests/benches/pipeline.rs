@@ -95,7 +95,14 @@ async fn main() -> Result<()> {
     let host_slots: Vec<String> = (1..=workload.runs)
         .map(|run| format!("host_{run}"))
         .collect();
-    for slot in recvlogical_slots.iter().chain(&host_slots) {
+    let metrics_slots: Vec<String> = (1..=workload.runs)
+        .map(|run| format!("host_metrics_{run}"))
+        .collect();
+    for slot in recvlogical_slots
+        .iter()
+        .chain(&host_slots)
+        .chain(&metrics_slots)
+    {
         create_slot(&db, slot).await?;
     }
     println!(
@@ -115,11 +122,12 @@ async fn main() -> Result<()> {
     // the workload has nothing to stream, so it does just that: every measured run then loads
     // the compiled component from the cache, as a restarted host does.
     create_slot(&db, "host_warmup").await?;
-    drain_noop(&db, &plugin, scratch.path(), "host_warmup", &end, 0).await?;
+    drain_noop(&db, &plugin, scratch.path(), "host_warmup", &end, 0, false).await?;
 
     let events = workload.standard.events();
     let mut recvlogical_runs = Vec::new();
     let mut host_runs = Vec::new();
+    let mut metrics_runs = Vec::new();
     // Alternating the two keeps a warmer page cache or a busier moment from favouring one.
     for run in 0..workload.runs {
         let drain = drain_recvlogical(&server, &db, &recvlogical_slots[run], &end)?;
@@ -130,8 +138,16 @@ async fn main() -> Result<()> {
             drain.rate(events)
         );
         recvlogical_runs.push(drain);
-        let drain =
-            drain_noop(&db, &plugin, scratch.path(), &host_slots[run], &end, events).await?;
+        let drain = drain_noop(
+            &db,
+            &plugin,
+            scratch.path(),
+            &host_slots[run],
+            &end,
+            events,
+            false,
+        )
+        .await?;
         println!(
             "  pgstream-host  run {}: {:.2} s, {:.0} events/s (streaming {:.2} s, CPU {:.2} s), peak RSS {} MiB",
             run + 1,
@@ -142,6 +158,23 @@ async fn main() -> Result<()> {
             drain.peak_rss_kib.unwrap_or(0) / 1024,
         );
         host_runs.push(drain);
+        let drain = drain_noop(
+            &db,
+            &plugin,
+            scratch.path(),
+            &metrics_slots[run],
+            &end,
+            events,
+            true,
+        )
+        .await?;
+        println!(
+            "  with metrics   run {}: {:.2} s, {:.0} events/s",
+            run + 1,
+            drain.wall.as_secs_f64(),
+            drain.rate(events)
+        );
+        metrics_runs.push(drain);
     }
     check_confirmed(&db, &recvlogical_slots, &host_slots, &start).await?;
 
@@ -169,6 +202,7 @@ async fn main() -> Result<()> {
         "host_big",
         &big_end,
         big_events,
+        false,
     )
     .await?;
 
@@ -205,6 +239,12 @@ async fn main() -> Result<()> {
         "  ratio host / pg_recvlogical: {:.2}x best, {:.2}x median (goal >= 0.90x)",
         best_host.rate(events) / best_recvlogical.rate(events),
         median_rate(&host_runs, events) / median_rate(&recvlogical_runs, events)
+    );
+    println!(
+        "  with --metrics-addr {:>9.0} events/s  ({:.0}): {:.3}x the host without (goal >= 0.97x)",
+        fastest(&metrics_runs)?.rate(events),
+        median_rate(&metrics_runs, events),
+        fastest(&metrics_runs)?.rate(events) / best_host.rate(events)
     );
     println!("one transaction of {big_events} inserts (one run each):");
     println!(
@@ -299,8 +339,9 @@ async fn drain_noop(
     slot: &str,
     end: &str,
     expected_events: u64,
+    with_metrics: bool,
 ) -> Result<Drain> {
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--dsn",
         db.dsn(),
         "--table",
@@ -327,6 +368,10 @@ async fn drain_noop(
     .iter()
     .map(|arg| arg.to_string())
     .collect();
+    if with_metrics {
+        // Port 0: any free one; nothing scrapes, so this measures the counting alone.
+        args.extend(["--metrics-addr".to_owned(), "127.0.0.1:0".to_owned()]);
+    }
     drain_host(&args, expected_events, DRAIN_TIMEOUT).await
 }
 

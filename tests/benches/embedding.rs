@@ -17,8 +17,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
-use pgstream_e2e::drain::{StandardWorkload, create_slot, current_wal_lsn, drain_host};
+use anyhow::{Result, ensure};
+use pgstream_e2e::drain::{
+    StandardWorkload, bench_scale, create_slot, current_wal_lsn, drain_host,
+};
 use pgstream_e2e::{FakeQdrant, PgServer, PgVersion, TestDb, model_dir, plugin_path};
 use pgstream_host::embed::{Embedder, MiniLmEmbedder, MiniLmOptions};
 
@@ -64,13 +66,7 @@ impl SinkUnderTest {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let scale: i64 = match std::env::var("PGSTREAM_BENCH_SCALE") {
-        Ok(text) => text
-            .parse()
-            .context("PGSTREAM_BENCH_SCALE is a whole number")?,
-        Err(_) => 1,
-    };
-    ensure!(scale >= 1, "PGSTREAM_BENCH_SCALE must be at least 1");
+    let scale = bench_scale()?;
     let workload = StandardWorkload {
         inserts: 3_000 / scale,
         updates: 1_000 / scale,

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pgstream_e2e::drain::rss_kib;
+use pgstream_e2e::drain::{bench_scale, rss_kib};
 use pgstream_e2e::tenants::{jsonl_pipeline, pipeline, start_host, upserted_ids, write_config};
 use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb};
 use tempfile::TempDir;
@@ -46,13 +46,7 @@ const HOSTILE_KINDS: [&str; 6] = ["loop", "hog", "trap", "embed-flood", "log-flo
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let scale: i64 = match std::env::var("PGSTREAM_BENCH_SCALE") {
-        Ok(text) => text
-            .parse()
-            .context("PGSTREAM_BENCH_SCALE is a whole number")?,
-        Err(_) => 1,
-    };
-    ensure!(scale >= 1, "PGSTREAM_BENCH_SCALE must be at least 1");
+    let scale = bench_scale()?;
     let only = std::env::var("PGSTREAM_BENCH_ONLY").ok();
     let wants = |part: &str| only.as_deref().is_none_or(|only| only == part);
 

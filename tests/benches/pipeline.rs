@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use pgstream_e2e::drain::{
-    Drain, ROWS_PER_TRANSACTION, StandardWorkload, create_slot, current_wal_lsn, drain_host,
-    fastest, median_rate,
+    Drain, ROWS_PER_TRANSACTION, StandardWorkload, bench_scale, create_slot, current_wal_lsn,
+    drain_host, fastest, median_rate,
 };
 use pgstream_e2e::{PgServer, PgVersion, SUPERUSER, TestDb, plugin_path};
 
@@ -43,13 +43,7 @@ struct Workload {
 
 impl Workload {
     fn from_env() -> Result<Workload> {
-        let scale: i64 = match std::env::var("PGSTREAM_BENCH_SCALE") {
-            Ok(text) => text
-                .parse()
-                .context("PGSTREAM_BENCH_SCALE is a whole number")?,
-            Err(_) => 1,
-        };
-        ensure!(scale >= 1, "PGSTREAM_BENCH_SCALE must be at least 1");
+        let scale = bench_scale()?;
         let runs: usize = match std::env::var("PGSTREAM_BENCH_RUNS") {
             Ok(text) => text
                 .parse()

@@ -210,6 +210,18 @@ pub async fn drain_host(args: &[String], expected_events: u64, timeout: Duration
     })
 }
 
+/// `PGSTREAM_BENCH_SCALE`: what a bench divides its row counts by for a quick try (default 1).
+pub fn bench_scale() -> Result<i64> {
+    let scale: i64 = match std::env::var("PGSTREAM_BENCH_SCALE") {
+        Ok(text) => text
+            .parse()
+            .context("PGSTREAM_BENCH_SCALE is a whole number")?,
+        Err(_) => 1,
+    };
+    ensure!(scale >= 1, "PGSTREAM_BENCH_SCALE must be at least 1");
+    Ok(scale)
+}
+
 /// `VmHWM:  12345 kB` from `/proc/<pid>/status`.
 fn vm_hwm_kib(status: &str) -> Option<u64> {
     status_kib(status, "VmHWM:")

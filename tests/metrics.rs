@@ -3,56 +3,12 @@
 //! answers while the process is up; `/readyz` passes while every pipeline streams and fails,
 //! naming the pipeline and its reason, when one has failed.
 
-use std::net::TcpListener;
 use std::time::Duration;
 
+use pgstream_e2e::metrics_endpoint::{free_port, get, sample};
 use pgstream_e2e::tenants::{SOURCE_DSN_VAR, jsonl, jsonl_pipeline, write_config};
 use pgstream_e2e::{HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, wait_until};
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET path` on the endpoint: the status code and the body, or `None` while nothing answers.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
-/// The value of sample `name` with label `pipeline` (and `extra`, when given) in `text`.
-fn sample(text: &str, name: &str, pipeline: &str, extra: Option<(&str, &str)>) -> Option<f64> {
-    let lines = text.lines().map(|line| Ok(line.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("the metrics parse");
-    scrape
-        .samples
-        .iter()
-        .find(|sample| {
-            sample.metric == name
-                && sample.labels.get("pipeline") == Some(pipeline)
-                && extra.is_none_or(|(key, value)| sample.labels.get(key) == Some(value))
-        })
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Counter(value)
-            | prometheus_parse::Value::Gauge(value)
-            | prometheus_parse::Value::Untyped(value) => value,
-            ref other => panic!("{name} is not a single value: {other:?}"),
-        })
-}
 
 fn start(config: &std::path::Path, port: u16, db: &TestDb) -> HostProcess {
     let mut host = HostProcess::command();
@@ -103,22 +59,20 @@ async fn metrics_count_what_each_pipeline_handled_and_readyz_follows_their_state
         sample(
             &text,
             "pgstream_events_total",
-            "docs",
-            Some(("operation", operation)),
+            &[("pipeline", "docs"), ("operation", operation)],
         )
     };
     assert_eq!(events("insert"), Some(25.0), "{text}");
     assert_eq!(events("update"), Some(5.0), "{text}");
     assert_eq!(events("delete"), Some(0.0), "{text}");
     // Both transactions may share a batch.
-    let batches = sample(&text, "pgstream_batches_total", "docs", None).unwrap();
+    let batches = sample(&text, "pgstream_batches_total", &[("pipeline", "docs")]).unwrap();
     assert!((1.0..=30.0).contains(&batches), "{text}");
     assert_eq!(
         sample(
             &text,
             "pgstream_sink_items_total",
-            "docs",
-            Some(("operation", "upsert"))
+            &[("pipeline", "docs"), ("operation", "upsert")]
         ),
         Some(30.0),
         "{text}"
@@ -127,8 +81,7 @@ async fn metrics_count_what_each_pipeline_handled_and_readyz_follows_their_state
         sample(
             &text,
             "pgstream_pipeline_state",
-            "docs",
-            Some(("state", "streaming"))
+            &[("pipeline", "docs"), ("state", "streaming")]
         ),
         Some(1.0)
     );
@@ -136,12 +89,11 @@ async fn metrics_count_what_each_pipeline_handled_and_readyz_follows_their_state
         sample(
             &text,
             "pgstream_pipeline_state",
-            "docs",
-            Some(("state", "failed"))
+            &[("pipeline", "docs"), ("state", "failed")]
         ),
         Some(0.0)
     );
-    assert!(sample(&text, "pgstream_confirmed_lsn", "docs", None).unwrap() > 0.0);
+    assert!(sample(&text, "pgstream_confirmed_lsn", &[("pipeline", "docs")]).unwrap() > 0.0);
     assert!(
         text.contains("pgstream_handler_call_seconds_bucket"),
         "{text}"

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use pgstream_e2e::metrics_endpoint::{free_port, get, sample};
 use pgstream_e2e::{PgServer, PgVersion, TestDb, TestPipeline, wait_until};
 use tempfile::TempDir;
 
@@ -60,6 +61,7 @@ async fn slot_guard(version: PgVersion) {
         .await;
     let out = TempDir::new().unwrap();
     let sink = out.path().join("sink.jsonl");
+    let metrics_port = free_port();
     // The handler spins on its batch for as long as the test runs: the pipeline confirms
     // nothing from then on, like one stuck on a dependency.
     let pipeline = TestPipeline::new(&db, "docs", "loop-handler").with_args(&[
@@ -71,6 +73,8 @@ async fn slot_guard(version: PgVersion) {
         sink.display().to_string(),
         "--call-timeout-ms".to_owned(),
         "600000".to_owned(),
+        "--metrics-addr".to_owned(),
+        format!("127.0.0.1:{metrics_port}"),
     ]);
     let slot = db.unique_name("slot");
     let mut host = pipeline.start_streaming().await;
@@ -81,6 +85,18 @@ async fn slot_guard(version: PgVersion) {
         .await
         .unwrap_or_else(|error| panic!("the guard warns: {error}\n{}", host.log()));
     assert_ne!(wal_status(&db, &slot).await.as_deref(), Some("lost"));
+    // The metrics show the lag the stuck pipeline builds up, and what the slot holds.
+    wait_until(Duration::from_secs(30), || async {
+        let Some((200, text)) = get(metrics_port, "/metrics").await else {
+            return false;
+        };
+        sample(&text, "pgstream_replication_lag_bytes", &[])
+            .is_some_and(|lag| lag >= 20.0 * 1024.0 * 1024.0)
+            && sample(&text, "pgstream_slot_retained_wal_bytes", &[]).is_some()
+            && sample(&text, "pgstream_slot_safe_wal_bytes", &[]).is_some()
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the lag shows in /metrics: {error}\n{}", host.log()));
 
     // More WAL and checkpoints until Postgres gives the slot up.
     wait_until(Duration::from_secs(120), || async {

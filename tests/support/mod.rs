@@ -21,6 +21,7 @@ mod artifacts;
 pub mod drain;
 mod host_process;
 mod installation;
+pub mod metrics_endpoint;
 mod openai_server;
 mod postgres;
 mod qdrant_server;

@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 use crate::event::Operation;
 use crate::pipeline::{PipelineState, StatusHandle};
+use crate::replication::SlotWal;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PipelineLabel {
@@ -39,6 +40,12 @@ struct OperationLabels {
 struct CauseLabels {
     pipeline: String,
     cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WalStatusLabels {
+    pipeline: String,
+    wal_status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -432,6 +439,57 @@ impl Collector for StatusCollector {
                 .unwrap_or_default()
                 .as_secs_f64();
             ConstGauge::new(seconds).encode(since.encode_family(&labels)?)?;
+        }
+        type SlotFigure = fn(&SlotWal) -> Option<i64>;
+        let slot_figures: [(&str, &str, SlotFigure); 3] = [
+            (
+                "replication_lag_bytes",
+                "The server's WAL position minus the slot's confirmed position (read every 5 s)",
+                |slot| slot.lag_bytes,
+            ),
+            (
+                "slot_retained_wal_bytes",
+                "WAL the server keeps for the slot: its position minus the slot's restart_lsn",
+                |slot| slot.retained_bytes,
+            ),
+            (
+                "slot_safe_wal_bytes",
+                "WAL that can still be written before the slot risks invalidation \
+                 (absent when max_slot_wal_keep_size is unlimited)",
+                |slot| slot.safe_wal_size,
+            ),
+        ];
+        for (name, help, figure) in slot_figures {
+            let mut gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for status in &snapshots {
+                let Some(value) = status.slot.as_ref().and_then(figure) else {
+                    continue;
+                };
+                let labels = PipelineLabel {
+                    pipeline: status.name.clone(),
+                };
+                ConstGauge::new(value).encode(gauge.encode_family(&labels)?)?;
+            }
+        }
+        let mut wal_status = encoder.encode_descriptor(
+            "slot_wal_status",
+            "1 for the slot's wal_status (reserved, extended, unreserved, lost)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in &snapshots {
+            let Some(current) = status
+                .slot
+                .as_ref()
+                .and_then(|slot| slot.wal_status.clone())
+            else {
+                continue;
+            };
+            let labels = WalStatusLabels {
+                pipeline: status.name.clone(),
+                wal_status: current,
+            };
+            ConstGauge::new(1).encode(wal_status.encode_family(&labels)?)?;
         }
         Ok(())
     }

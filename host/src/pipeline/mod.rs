@@ -239,6 +239,8 @@ impl Pipeline {
             &config.tables,
         ));
         let status = StatusHandle::new(&config.name);
+        let mut source = source;
+        source.report_to(&status);
         Pipeline {
             config,
             plugin,
@@ -269,6 +271,7 @@ impl Pipeline {
     /// Reports into `status` instead of a handle of its own (a supervisor keeps one per
     /// pipeline across restarts).
     pub fn with_status(mut self, status: StatusHandle) -> Pipeline {
+        self.source.report_to(&status);
         self.status = status;
         self
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use crate::lsn::Lsn;
+use crate::replication::SlotWal;
 
 /// The phase a pipeline is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +90,8 @@ pub struct PipelineStatus {
     pub last_error: Option<String>,
     /// When `state` last changed.
     pub since: SystemTime,
+    /// The last reading of the slot's lag and hold on WAL, while streaming from Postgres.
+    pub slot: Option<SlotWal>,
 }
 
 /// A shared, cheap-to-clone handle on one pipeline's status.
@@ -108,6 +111,7 @@ impl StatusHandle {
                 events: 0,
                 last_error: None,
                 since: SystemTime::now(),
+                slot: None,
             })),
         }
     }
@@ -139,6 +143,11 @@ impl StatusHandle {
     pub(crate) fn set_confirmed(&self, confirmed: Lsn) {
         let mut status = self.lock();
         status.confirmed = status.confirmed.max(confirmed);
+    }
+
+    /// Records a reading of the pipeline's replication slot.
+    pub(crate) fn set_slot(&self, slot: SlotWal) {
+        self.lock().slot = Some(slot);
     }
 
     /// Counts events handled by a successful handler call.

@@ -461,6 +461,8 @@ pub struct SlotWal {
     /// Bytes that can still be written before the slot is in danger of being lost; `None`
     /// when `max_slot_wal_keep_size` is unlimited.
     pub safe_wal_size: Option<i64>,
+    /// Replication lag: the server's WAL position minus the slot's confirmed position.
+    pub lag_bytes: Option<i64>,
 }
 
 impl SlotWal {
@@ -486,7 +488,8 @@ impl SlotWal {
 pub async fn slot_wal(client: &Client, slot: &str) -> Result<Option<SlotWal>, ReplicationError> {
     let row = client
         .query_opt(
-            "SELECT wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size \
+            "SELECT wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size, \
+             (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -495,6 +498,7 @@ pub async fn slot_wal(client: &Client, slot: &str) -> Result<Option<SlotWal>, Re
         wal_status: row.get(0),
         retained_bytes: row.get(1),
         safe_wal_size: row.get(2),
+        lag_bytes: row.get(3),
     }))
 }
 

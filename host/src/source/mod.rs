@@ -133,4 +133,9 @@ pub trait ChangeSource: Send + Sync {
 
     /// Ends the session politely, so the database sees the last confirmation.
     async fn stop(&mut self);
+
+    /// Where to report what the source learns about itself (a slot's lag and hold on WAL)
+    /// for status and metrics. Called before [`prepare`](ChangeSource::prepare), again when
+    /// the pipeline's status handle changes; a source with nothing to report ignores it.
+    fn report_to(&mut self, _status: &crate::pipeline::StatusHandle) {}
 }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::slot_guard::SlotGuard;
 use super::{ChangeSource, SourceError, SourceItem, WalEvents};
 use crate::lsn::Lsn;
+use crate::pipeline::StatusHandle;
 use crate::replication::{
     self, ReplicationError, ReplicationStream, SourceConfig, StreamOptions, TableName, WalMessage,
 };
@@ -31,6 +32,8 @@ pub struct PostgresSource {
     stream: Option<ReplicationStream>,
     /// Watches the slot's hold on WAL while streaming.
     guard: Option<SlotGuard>,
+    /// Where the guard's readings go.
+    status: Option<StatusHandle>,
 }
 
 impl PostgresSource {
@@ -54,6 +57,7 @@ impl PostgresSource {
             events: WalEvents::new(HashMap::new()),
             stream: None,
             guard: None,
+            status: None,
         }
     }
 }
@@ -125,7 +129,12 @@ impl ChangeSource for PostgresSource {
         };
         self.stream = Some(stream);
         if self.guard.is_none() {
-            self.guard = Some(SlotGuard::start(&self.pipeline, &self.config, &self.slot));
+            self.guard = Some(SlotGuard::start(
+                &self.pipeline,
+                &self.config,
+                &self.slot,
+                self.status.clone(),
+            ));
         }
         Ok(())
     }
@@ -166,6 +175,10 @@ impl ChangeSource for PostgresSource {
         if let Some(stream) = &self.stream {
             stream.confirm(lsn);
         }
+    }
+
+    fn report_to(&mut self, status: &StatusHandle) {
+        self.status = Some(status.clone());
     }
 
     async fn stop(&mut self) {

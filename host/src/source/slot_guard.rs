@@ -7,7 +7,8 @@
 //! gone. Every [`CHECK_INTERVAL`] the guard reads the slot's `wal_status`, retained bytes and
 //! `safe_wal_size` on a connection of its own, and logs once per change of level: a warning
 //! when the slot is at risk ([`SlotWal::is_at_risk`]), a note when it is safe again, an error
-//! when it is lost. Stopping the pipeline for a lost slot is the source's job (its next start
+//! when it is lost. Each reading also goes to the pipeline's status, where the metrics read
+//! the lag and the retained WAL. Stopping the pipeline for a lost slot is the source's job (its next start
 //! fails with [`SourceError::SlotLost`](super::SourceError::SlotLost)); the guard only reports.
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::pipeline::StatusHandle;
 use crate::replication::{self, SlotWal, SourceConfig};
 
 /// How often the slot is read.
@@ -52,16 +54,22 @@ impl Drop for SlotGuard {
 }
 
 impl SlotGuard {
-    /// Starts watching `slot` on `config`'s database for `pipeline`.
-    pub(crate) fn start(pipeline: &str, config: &SourceConfig, slot: &str) -> SlotGuard {
+    /// Starts watching `slot` on `config`'s database for `pipeline`; each reading also goes to
+    /// `status` (for metrics) when there is one.
+    pub(crate) fn start(
+        pipeline: &str,
+        config: &SourceConfig,
+        slot: &str,
+        status: Option<StatusHandle>,
+    ) -> SlotGuard {
         let (pipeline, config, slot) = (pipeline.to_owned(), config.clone(), slot.to_owned());
         SlotGuard {
-            task: tokio::spawn(async move { watch(&pipeline, &config, &slot).await }),
+            task: tokio::spawn(async move { watch(&pipeline, &config, &slot, status).await }),
         }
     }
 }
 
-async fn watch(pipeline: &str, config: &SourceConfig, slot: &str) {
+async fn watch(pipeline: &str, config: &SourceConfig, slot: &str, status: Option<StatusHandle>) {
     let mut level = Level::Safe;
     let mut client = None;
     let mut ticker = tokio::time::interval(CHECK_INTERVAL);
@@ -81,6 +89,9 @@ async fn watch(pipeline: &str, config: &SourceConfig, slot: &str) {
                 continue;
             }
         };
+        if let Some(status) = &status {
+            status.set_slot(wal.clone());
+        }
         let now = Level::of(&wal);
         if now == level {
             continue;
@@ -127,6 +138,7 @@ mod tests {
             wal_status: Some(status.to_owned()),
             retained_bytes: Some(retained),
             safe_wal_size: safe,
+            lag_bytes: None,
         }
     }
 

@@ -488,9 +488,13 @@ impl SlotWal {
 pub async fn slot_wal(client: &Client, slot: &str) -> Result<Option<SlotWal>, ReplicationError> {
     let row = client
         .query_opt(
-            "SELECT wal_status, (pg_current_wal_lsn() - restart_lsn)::bigint, safe_wal_size, \
-             (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            // A standby (logical decoding there needs Postgres 16) has no current WAL
+            // position of its own: its replay position stands in.
+            "WITH server AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+             ELSE pg_current_wal_lsn() END AS lsn) \
+             SELECT wal_status, (server.lsn - restart_lsn)::bigint, safe_wal_size, \
+             (server.lsn - confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots, server WHERE slot_name = $1",
             &[&slot],
         )
         .await?;

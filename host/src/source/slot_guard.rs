@@ -8,8 +8,9 @@
 //! `safe_wal_size` on a connection of its own, and logs once per change of level: a warning
 //! when the slot is at risk ([`SlotWal::is_at_risk`]), a note when it is safe again, an error
 //! when it is lost. Each reading also goes to the pipeline's status, where the metrics read
-//! the lag and the retained WAL. Stopping the pipeline for a lost slot is the source's job (its next start
-//! fails with [`SourceError::SlotLost`](super::SourceError::SlotLost)); the guard only reports.
+//! the lag and the retained WAL. Stopping the pipeline for a lost slot is the source's job
+//! (its next start fails with [`SourceError::SlotLost`](super::SourceError::SlotLost)); the
+//! guard only reports.
 
 use std::time::Duration;
 

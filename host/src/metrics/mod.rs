@@ -64,20 +64,20 @@ fn batch_size_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 16))
 }
 
-type SecondsFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The families every pipeline's metrics are drawn from.
 #[derive(Debug)]
 struct Families {
     events: Family<OperationLabels, Counter>,
     batches: Family<PipelineLabel, Counter>,
-    batch_events: SecondsFamily<PipelineLabel>,
-    handler_seconds: SecondsFamily<PipelineLabel>,
+    batch_events: HistogramFamily<PipelineLabel>,
+    handler_seconds: HistogramFamily<PipelineLabel>,
     handler_failures: Family<CauseLabels, Counter>,
     embed_texts: Family<PipelineLabel, Counter>,
-    embed_seconds: SecondsFamily<PipelineLabel>,
+    embed_seconds: HistogramFamily<PipelineLabel>,
     sink_items: Family<OperationLabels, Counter>,
-    sink_seconds: SecondsFamily<OperationLabels>,
+    sink_seconds: HistogramFamily<OperationLabels>,
 }
 
 /// The metrics of one process: a registry, and the pipelines whose status it reports.
@@ -374,17 +374,6 @@ struct StatusCollector {
     statuses: Arc<Mutex<Vec<StatusHandle>>>,
 }
 
-/// Every state a pipeline can be in, so each one's gauge is present (0 or 1) for alerting.
-const STATES: [&str; 7] = [
-    "starting",
-    "standby",
-    "streaming",
-    "retrying",
-    "restarting",
-    "failed",
-    "stopped",
-];
-
 impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshots: Vec<_> = self
@@ -400,8 +389,9 @@ impl Collector for StatusCollector {
             None,
             MetricType::Gauge,
         )?;
+        // Every state gets its series (0 or 1), so an alert on one never lacks data.
         for status in &snapshots {
-            for name in STATES {
+            for name in PipelineState::NAMES {
                 let labels = StateLabels {
                     pipeline: status.name.clone(),
                     state: name.to_owned(),

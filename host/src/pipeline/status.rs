@@ -38,8 +38,19 @@ pub enum PipelineState {
 }
 
 impl PipelineState {
-    /// The state's name, one word: `starting`, `standby`, `streaming`, `retrying`,
-    /// `restarting`, `failed`, `stopped`.
+    /// Every state's [`name`](PipelineState::name), for displays that list them all (the
+    /// metrics give each state a series, 0 or 1).
+    pub const NAMES: [&'static str; 7] = [
+        "starting",
+        "standby",
+        "streaming",
+        "retrying",
+        "restarting",
+        "failed",
+        "stopped",
+    ];
+
+    /// The state's name, one word: one of [`NAMES`](PipelineState::NAMES).
     pub fn name(&self) -> &'static str {
         match self {
             PipelineState::Starting => "starting",

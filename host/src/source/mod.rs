@@ -62,9 +62,9 @@ pub enum SourceError {
     /// the last confirmed position are gone. Never retried, and the slot is never silently
     /// replaced: only an operator can decide how to refill what was missed.
     #[error(
-        "replication slot {slot:?} was invalidated by Postgres (wal_status = lost): it held \
-         back more WAL than max_slot_wal_keep_size allows, so the changes after its last \
-         confirmed position are gone. Drop it with `pgstream-host teardown` (same source \
+        "replication slot {slot:?} was invalidated by Postgres (wal_status = lost), most often \
+         because it held back more WAL than max_slot_wal_keep_size allows, so the changes after \
+         its last confirmed position are gone. Drop it with `pgstream-host teardown` (same source \
          settings), start the pipeline again to make a new slot, and re-sync the sink from the \
          tables, since rows changed meanwhile were not delivered; raise \
          max_slot_wal_keep_size or fix what kept the pipeline from confirming"

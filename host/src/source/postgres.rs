@@ -86,19 +86,14 @@ impl ChangeSource for PostgresSource {
         let primary_keys = primary_keys(&client, &self.tables).await?;
         self.events = WalEvents::new(primary_keys);
         // An invalidated slot cannot stream, and replacing it would skip changes silently.
-        match replication::slot_wal(&client, &self.slot).await? {
-            Some(wal) if wal.is_lost() => {
-                return Err(SourceError::SlotLost {
-                    slot: self.slot.clone(),
-                });
-            }
-            Some(wal) if wal.is_at_risk() => warn!(
-                pipeline = %self.pipeline, slot = %self.slot,
-                wal_status = wal.wal_status.as_deref().unwrap_or("unknown"),
-                retained_mib = wal.retained_bytes.unwrap_or(0) / (1024 * 1024),
-                "the replication slot holds back WAL close to max_slot_wal_keep_size"
-            ),
-            _ => {}
+        // (A slot merely at risk is reported by the guard, whose first reading comes as soon
+        // as the stream starts.)
+        if let Some(wal) = replication::slot_wal(&client, &self.slot).await?
+            && wal.is_lost()
+        {
+            return Err(SourceError::SlotLost {
+                slot: self.slot.clone(),
+            });
         }
         let confirmed = replication::slot_confirmed_flush_lsn(&client, &self.slot)
             .await?

@@ -205,6 +205,7 @@ pub async fn assemble(
 pub fn pipeline_config(spec: &PipelineSpec) -> PipelineConfig {
     PipelineConfig {
         name: spec.name.clone(),
+        slot: spec.slot_name().to_owned(),
         plugin: spec.plugin.clone(),
         tables: spec.tables.clone(),
         limits: Limits {

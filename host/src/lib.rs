@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod point;
+pub mod reload;
 pub mod replication;
 pub mod runtime;
 pub mod scaffold;

@@ -8,12 +8,19 @@
 //! and left alone, since only an operator can fix it. A panic in a pipeline's task is caught
 //! like any other failure. With [`Supervisor::coordinated`], a pipeline runs only while this
 //! host holds its lease, so several hosts can share one config file.
+//!
+//! While it runs, a supervisor takes [`Command`]s (the binary sends them on SIGHUP and, with
+//! `--watch`, when a watched file changes): reload the plugins, or apply a new set of specs.
+//! Applying adds the new pipelines, stops the removed ones, and restarts only those whose spec
+//! changed (the old run stops cleanly, confirming its batch in flight, before the new one
+//! starts on the same slot); the pipelines whose spec is unchanged reload their plugin file.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -21,6 +28,7 @@ use crate::assembly::{self, AssemblyError, SharedResources, assemble};
 use crate::config::PipelineSpec;
 use crate::coordination::{LEASE_INTERVAL, Lease};
 use crate::pipeline::{PipelineError, PipelineState, RunSummary, StatusHandle};
+use crate::reload::ReloadTrigger;
 use crate::replication::SourceConfig;
 
 /// Whether and how failed pipelines are started again.
@@ -107,6 +115,27 @@ pub struct PipelineOutcome {
     pub result: Result<RunSummary, PipelineFailure>,
 }
 
+/// What an operator asks of a running supervisor.
+#[derive(Debug)]
+pub enum Command {
+    /// Every pipeline whose plugin file is one of `files` (every pipeline when `None`) loads
+    /// its plugin file again and swaps the new version in if it changed.
+    ReloadPlugins {
+        /// The plugin files that changed, or `None` for all.
+        files: Option<Vec<PathBuf>>,
+        /// When the request was made.
+        at: Instant,
+    },
+    /// Runs `specs` from now on: new names are started, missing names stopped, changed specs
+    /// restarted, and unchanged pipelines reload their plugin.
+    Apply {
+        /// The new set, in the order outcomes are reported.
+        specs: Vec<PipelineSpec>,
+        /// When the request was made.
+        at: Instant,
+    },
+}
+
 /// Runs a set of pipelines side by side.
 pub struct Supervisor {
     shared: Arc<SharedResources>,
@@ -114,6 +143,24 @@ pub struct Supervisor {
     pipelines: Vec<(PipelineSpec, StatusHandle)>,
     /// This host's identity when pipelines are leased through their sources.
     coordination: Option<String>,
+    commands: Option<mpsc::UnboundedReceiver<Command>>,
+}
+
+/// One pipeline under supervision.
+struct Supervised {
+    spec: PipelineSpec,
+    status: StatusHandle,
+    stop: watch::Sender<bool>,
+    reload: ReloadTrigger,
+    /// Tells this run's task from an earlier one of the same name.
+    run: u64,
+    /// Set while its task runs.
+    running: bool,
+    /// The spec to start once the current run has stopped (its spec changed).
+    replacement: Option<PipelineSpec>,
+    /// Removed from the set: forgotten once its run has stopped.
+    removed: bool,
+    outcome: Option<PipelineOutcome>,
 }
 
 impl Supervisor {
@@ -137,7 +184,14 @@ impl Supervisor {
             policy,
             pipelines,
             coordination: None,
+            commands: None,
         }
+    }
+
+    /// Takes [`Command`]s from `commands` while running.
+    pub fn with_commands(mut self, commands: mpsc::UnboundedReceiver<Command>) -> Supervisor {
+        self.commands = Some(commands);
+        self
     }
 
     /// Runs each pipeline only while this host, named `host`, holds its lease on the
@@ -157,45 +211,206 @@ impl Supervisor {
     }
 
     /// Runs every pipeline until `shutdown` resolves (each finishes its batch in flight and
-    /// confirms it) or until each has stopped on its own; returns their outcomes in spec
-    /// order.
+    /// confirms it) or until each has stopped on its own; returns the outcomes of the
+    /// pipelines of the last set applied, in its order.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Vec<PipelineOutcome> {
-        let (stop, stopping) = watch::channel(false);
+        let Supervisor {
+            shared,
+            policy,
+            pipelines,
+            coordination,
+            mut commands,
+        } = self;
+        let mut runs = 0u64;
         let mut tasks = JoinSet::new();
-        let mut outcomes: Vec<Option<PipelineOutcome>> = Vec::new();
-        for (index, (spec, status)) in self.pipelines.into_iter().enumerate() {
-            outcomes.push(None);
-            let task = supervise(
+        let mut start =
+            |entry: &mut Supervised, tasks: &mut JoinSet<(String, u64, PipelineOutcome)>| {
+                runs += 1;
+                entry.run = runs;
+                entry.running = true;
+                entry.outcome = None;
+                let (stop, stopping) = watch::channel(false);
+                entry.stop = stop;
+                let task = supervise(
+                    entry.spec.clone(),
+                    shared.clone(),
+                    entry.status.clone(),
+                    policy,
+                    coordination.clone(),
+                    stopping,
+                    entry.reload.clone(),
+                );
+                let (name, run) = (entry.spec.name.clone(), entry.run);
+                tasks.spawn(async move { (name, run, task.await) });
+            };
+        let mut set: Vec<Supervised> = Vec::new();
+        for (spec, status) in pipelines {
+            let mut entry = Supervised {
                 spec,
-                self.shared.clone(),
                 status,
-                self.policy,
-                self.coordination.clone(),
-                stopping.clone(),
-            );
-            tasks.spawn(async move { (index, task.await) });
+                stop: watch::channel(false).0,
+                reload: ReloadTrigger::new(),
+                run: 0,
+                running: false,
+                replacement: None,
+                removed: false,
+                outcome: None,
+            };
+            start(&mut entry, &mut tasks);
+            set.push(entry);
         }
-        drop(stopping);
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut stop_sent = false;
+        let mut stopping = false;
         loop {
             let joined = tokio::select! {
-                _ = &mut shutdown, if !stop_sent => {
-                    stop_sent = true;
-                    let _ = stop.send(true);
+                _ = &mut shutdown, if !stopping => {
+                    stopping = true;
+                    for entry in &set {
+                        let _ = entry.stop.send(true);
+                    }
+                    continue;
+                }
+                command = next_command(&mut commands), if !stopping => {
+                    match command {
+                        Some(command) => {
+                            apply(command, &mut set, shared.metrics());
+                            for entry in set.iter_mut().filter(|entry| !entry.running && !entry.removed) {
+                                if entry.outcome.is_none() {
+                                    start(entry, &mut tasks);
+                                }
+                            }
+                        }
+                        None => commands = None,
+                    }
                     continue;
                 }
                 joined = tasks.join_next() => joined,
             };
-            match joined {
+            let (name, run, outcome) = match joined {
                 None => break,
-                Some(Ok((index, outcome))) => outcomes[index] = Some(outcome),
+                Some(Ok(done)) => done,
                 // `supervise` catches its pipeline's panics itself; this is a panic in the
-                // supervision code, which leaves that pipeline's slot without an outcome.
-                Some(Err(error)) => error!(%error, "a supervision task failed"),
+                // supervision code, which leaves that pipeline without an outcome.
+                Some(Err(error)) => {
+                    error!(%error, "a supervision task failed");
+                    continue;
+                }
+            };
+            let Some(index) = set
+                .iter()
+                .position(|entry| entry.spec.name == name && entry.run == run)
+            else {
+                continue;
+            };
+            let entry = &mut set[index];
+            entry.running = false;
+            if entry.removed {
+                shared.metrics().forget(&name);
+                info!(pipeline = %name, "pipeline removed from the configuration; stopped");
+                set.remove(index);
+            } else if let Some(spec) = entry.replacement.take().filter(|_| !stopping) {
+                info!(pipeline = %name, "starting the pipeline with its new settings");
+                entry.spec = spec;
+                entry.status.set_state(PipelineState::Starting);
+                start(entry, &mut tasks);
+            } else {
+                entry.outcome = Some(outcome);
             }
         }
-        outcomes.into_iter().flatten().collect()
+        set.into_iter().filter_map(|entry| entry.outcome).collect()
+    }
+}
+
+/// The next command, never when there is no channel.
+async fn next_command(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -> Option<Command> {
+    match commands {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Carries out `command` on `set`: asks for reloads and stops, marks what to start. Entries
+/// left neither running nor with an outcome are started by the caller.
+fn apply(command: Command, set: &mut Vec<Supervised>, metrics: &crate::metrics::Metrics) {
+    match command {
+        Command::ReloadPlugins { files, at } => {
+            for entry in set.iter().filter(|entry| entry.running) {
+                let wanted = files
+                    .as_ref()
+                    .is_none_or(|files| files.contains(&entry.spec.plugin));
+                if wanted {
+                    entry.reload.request(at);
+                }
+            }
+        }
+        Command::Apply { specs, at } => {
+            let (mut added, mut changed, mut removed) = (0, 0, 0);
+            for entry in set.iter_mut() {
+                if specs.iter().all(|spec| spec.name != entry.spec.name) && !entry.removed {
+                    removed += 1;
+                    entry.removed = true;
+                    entry.replacement = None;
+                    let _ = entry.stop.send(true);
+                }
+            }
+            set.retain(|entry| {
+                let keep = entry.running || !entry.removed;
+                if !keep {
+                    metrics.forget(&entry.spec.name);
+                }
+                keep
+            });
+            let mut ordered = Vec::with_capacity(specs.len());
+            for spec in specs {
+                let position = set.iter().position(|entry| entry.spec.name == spec.name);
+                let Some(position) = position else {
+                    added += 1;
+                    info!(pipeline = %spec.name, "pipeline added to the configuration; starting it");
+                    let status = StatusHandle::new(&spec.name);
+                    metrics.watch(&status);
+                    ordered.push(Supervised {
+                        spec,
+                        status,
+                        stop: watch::channel(false).0,
+                        reload: ReloadTrigger::new(),
+                        run: 0,
+                        running: false,
+                        replacement: None,
+                        removed: false,
+                        outcome: None,
+                    });
+                    continue;
+                };
+                let mut entry = set.remove(position);
+                let current = entry.replacement.as_ref().unwrap_or(&entry.spec);
+                if entry.removed {
+                    // Removed by an earlier reload and still stopping: it comes back once stopped.
+                    entry.removed = false;
+                    entry.replacement = Some(spec);
+                } else if *current == spec {
+                    if entry.running {
+                        entry.reload.request(at);
+                    }
+                } else if entry.running {
+                    changed += 1;
+                    info!(pipeline = %spec.name, "pipeline settings changed; restarting it once its batch in flight is confirmed");
+                    entry.replacement = Some(spec);
+                    let _ = entry.stop.send(true);
+                } else {
+                    // It had stopped (failed, most likely): the new settings get a new start.
+                    changed += 1;
+                    info!(pipeline = %spec.name, "pipeline settings changed; starting it again");
+                    entry.spec = spec;
+                    entry.outcome = None;
+                    entry.status.set_state(PipelineState::Starting);
+                }
+                ordered.push(entry);
+            }
+            // Removed ones still stopping stay at the end until their run ends.
+            ordered.append(set);
+            *set = ordered;
+            info!(added, changed, removed, "configuration applied");
+        }
     }
 }
 
@@ -208,6 +423,7 @@ async fn supervise(
     policy: RestartPolicy,
     coordination: Option<String>,
     mut stopping: watch::Receiver<bool>,
+    reload: ReloadTrigger,
 ) -> PipelineOutcome {
     let name = spec.name.clone();
     let source = match assembly::parse_dsn("source.dsn", spec.source.dsn.expose()) {
@@ -244,6 +460,9 @@ async fn supervise(
                 let spec = spec.clone();
                 let shared = shared.clone();
                 let status = status.clone();
+                // Listening before the plugin is loaded: a request during assembly is not
+                // lost (at worst the file is read twice).
+                let reloads = reload.listen();
                 // Its own task, so a panic anywhere in the pipeline ends only this attempt.
                 tokio::spawn(async move {
                     let pipeline = assemble(&spec, &shared).await?;
@@ -252,6 +471,7 @@ async fn supervise(
                         pipeline
                             .with_status(status)
                             .with_metrics(metrics)
+                            .with_reloads(reloads)
                             .run(stop)
                             .await?,
                     )

@@ -248,6 +248,7 @@ fn harness(
     let plugin = engine.load(&path).unwrap();
     let mut config = PipelineConfig {
         name: "scripted".into(),
+        slot: "scripted".into(),
         plugin: path,
         tables: vec![TableName {
             schema: "public".into(),

@@ -15,12 +15,14 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::embed::EmbedCacheStats;
 use crate::event::Operation;
 use crate::pipeline::{PipelineState, StatusHandle};
 use crate::replication::SlotWal;
@@ -46,6 +48,18 @@ struct CauseLabels {
 struct WalStatusLabels {
     pipeline: String,
     wal_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    pipeline: String,
+    digest: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    pipeline: String,
+    result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +92,8 @@ struct Families {
     embed_seconds: HistogramFamily<PipelineLabel>,
     sink_items: Family<OperationLabels, Counter>,
     sink_seconds: HistogramFamily<OperationLabels>,
+    reloads: Family<ResultLabels, Counter>,
+    reload_seconds: HistogramFamily<PipelineLabel>,
 }
 
 /// The metrics of one process: a registry, and the pipelines whose status it reports.
@@ -112,6 +128,8 @@ impl Metrics {
             embed_seconds: Family::new_with_constructor(seconds_histogram),
             sink_items: Family::default(),
             sink_seconds: Family::new_with_constructor(seconds_histogram),
+            reloads: Family::default(),
+            reload_seconds: Family::new_with_constructor(seconds_histogram),
         };
         let mut registry = Registry::with_prefix("pgstream");
         registry.register(
@@ -160,6 +178,18 @@ impl Metrics {
             "Duration of sink writes, by operation",
             families.sink_seconds.clone(),
         );
+        registry.register(
+            "plugin_reloads",
+            "Hot reloads of a pipeline's plugin, by result: applied (the new version runs), \
+             unchanged (the file had not changed), rejected (it failed to load or start; the \
+             old version runs on)",
+            families.reloads.clone(),
+        );
+        registry.register(
+            "plugin_reload_seconds",
+            "From a reload request to the first batch handled by the new version",
+            families.reload_seconds.clone(),
+        );
         let statuses = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(StatusCollector {
             statuses: statuses.clone(),
@@ -179,6 +209,15 @@ impl Metrics {
         if !statuses.iter().any(|known| known.snapshot().name == name) {
             statuses.push(status.clone());
         }
+    }
+
+    /// Stops reporting the pipeline named `name` (removed from the configuration): its
+    /// status leaves the scrapes and `/readyz`.
+    pub fn forget(&self, name: &str) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|known| known.snapshot().name != name);
     }
 
     /// The metrics of the pipeline whose status is `status` (which is watched too).
@@ -211,6 +250,14 @@ impl Metrics {
                 deleted: labelled(&families.sink_items, &operation("delete")),
                 upsert_seconds: labelled(&families.sink_seconds, &operation("upsert")),
                 delete_seconds: labelled(&families.sink_seconds, &operation("delete")),
+                reloads: ReloadOutcome::ALL.map(|outcome| {
+                    let labels = ResultLabels {
+                        pipeline: name.clone(),
+                        result: outcome.name().to_owned(),
+                    };
+                    labelled(&families.reloads, &labels)
+                }),
+                reload_seconds: labelled(&families.reload_seconds, &label),
             }),
         }
     }
@@ -286,6 +333,33 @@ pub enum FailureCause {
     Handler,
 }
 
+/// What became of a hot-reload request.
+#[derive(Debug, Clone, Copy)]
+pub enum ReloadOutcome {
+    /// The new version was swapped in.
+    Applied,
+    /// The file held the running version.
+    Unchanged,
+    /// The new version failed to load or instantiate; the old one runs on.
+    Rejected,
+}
+
+impl ReloadOutcome {
+    const ALL: [ReloadOutcome; 3] = [
+        ReloadOutcome::Applied,
+        ReloadOutcome::Unchanged,
+        ReloadOutcome::Rejected,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ReloadOutcome::Applied => "applied",
+            ReloadOutcome::Unchanged => "unchanged",
+            ReloadOutcome::Rejected => "rejected",
+        }
+    }
+}
+
 /// One pipeline's metrics; cheap to clone. [`PipelineMetrics::default`] is registered nowhere
 /// (a pipeline built without a process's [`Metrics`] counts into it for nothing).
 #[derive(Clone, Default)]
@@ -305,6 +379,8 @@ struct PipelineMetricsInner {
     deleted: Counter,
     upsert_seconds: Histogram,
     delete_seconds: Histogram,
+    reloads: [Counter; 3],
+    reload_seconds: Histogram,
 }
 
 impl Default for PipelineMetricsInner {
@@ -321,6 +397,8 @@ impl Default for PipelineMetricsInner {
             deleted: Counter::default(),
             upsert_seconds: seconds_histogram(),
             delete_seconds: seconds_histogram(),
+            reloads: Default::default(),
+            reload_seconds: seconds_histogram(),
         }
     }
 }
@@ -366,6 +444,16 @@ impl PipelineMetrics {
         self.inner.deleted.inc_by(keys as u64);
         self.inner.delete_seconds.observe(took.as_secs_f64());
     }
+
+    /// A hot-reload request that ended as `outcome`.
+    pub fn reloaded(&self, outcome: ReloadOutcome) {
+        self.inner.reloads[outcome as usize].inc();
+    }
+
+    /// The first batch on a reloaded version was handled `latency` after the request.
+    pub fn reload_latency(&self, latency: Duration) {
+        self.inner.reload_seconds.observe(latency.as_secs_f64());
+    }
 }
 
 /// Reads each pipeline's status at scrape time.
@@ -376,13 +464,12 @@ struct StatusCollector {
 
 impl Collector for StatusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshots: Vec<_> = self
+        let handles: Vec<StatusHandle> = self
             .statuses
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(StatusHandle::snapshot)
-            .collect();
+            .clone();
+        let snapshots: Vec<_> = handles.iter().map(StatusHandle::snapshot).collect();
         let mut state = encoder.encode_descriptor(
             "pipeline_state",
             "1 for the state each pipeline is in, 0 for the others",
@@ -480,6 +567,50 @@ impl Collector for StatusCollector {
                 wal_status: current,
             };
             ConstGauge::new(1).encode(wal_status.encode_family(&labels)?)?;
+        }
+        let mut plugin = encoder.encode_descriptor(
+            "plugin_info",
+            "1, labelled with the digest (SHA-256, first 12 hex digits) of the plugin version \
+             each pipeline runs",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in &snapshots {
+            let Some(digest) = status.plugin else {
+                continue;
+            };
+            let labels = PluginLabels {
+                pipeline: status.name.clone(),
+                digest: digest.to_string(),
+            };
+            ConstGauge::new(1).encode(plugin.encode_family(&labels)?)?;
+        }
+        let caches: Vec<_> = handles
+            .iter()
+            .zip(&snapshots)
+            .filter_map(|(handle, status)| Some((&status.name, handle.embed_cache_stats()?)))
+            .collect();
+        type CacheFigure = fn(&EmbedCacheStats) -> u64;
+        let cache_figures: [(&str, &str, CacheFigure); 2] = [
+            (
+                "embed_cache_hits",
+                "Texts whose vector came from the embedding cache (since the pipeline started)",
+                |cache| cache.hits,
+            ),
+            (
+                "embed_cache_misses",
+                "Texts the embedding cache did not hold (since the pipeline started)",
+                |cache| cache.misses,
+            ),
+        ];
+        for (name, help, figure) in cache_figures {
+            let mut counter = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (pipeline, cache) in &caches {
+                let labels = PipelineLabel {
+                    pipeline: (*pipeline).clone(),
+                };
+                ConstCounter::new(figure(cache)).encode(counter.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

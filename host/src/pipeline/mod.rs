@@ -23,12 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::sleep;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::embed::Embedder;
 use crate::event::ChangeEvent;
 use crate::lsn::Lsn;
-use crate::metrics::{FailureCause, PipelineMetrics};
+use crate::metrics::{FailureCause, PipelineMetrics, ReloadOutcome};
+use crate::reload::ReloadListener;
 use crate::replication::TableName;
 use crate::runtime::{HandleError, HandlerInstance, ImportErrorKind, Limits, Plugin, RuntimeError};
 use crate::sink::{Sink, SinkError};
@@ -107,6 +108,8 @@ impl RetryPolicy {
 pub struct PipelineConfig {
     /// Pipeline name, used in logs.
     pub name: String,
+    /// The replication slot the source reads, a field of the log lines that tell positions.
+    pub slot: String,
     /// The handler component's file, for errors and the plugin's log name.
     pub plugin: PathBuf,
     /// The tables the pipeline watches: its handler may write points of these only.
@@ -220,6 +223,33 @@ pub struct Pipeline {
     embedder: Arc<dyn Embedder>,
     status: StatusHandle,
     metrics: PipelineMetrics,
+    /// Where hot-reload requests come from, if anywhere.
+    reloads: Option<ReloadListener>,
+    /// The new version being loaded, off the hot path.
+    pending_reload: Option<PendingReload>,
+    /// When the reload whose version now runs was asked for, until its first batch is done.
+    first_batch_of_reload: Option<Instant>,
+}
+
+/// A reload in progress: the new version loading and instantiating in its own task.
+struct PendingReload {
+    requested: Instant,
+    task: tokio::task::JoinHandle<Result<Option<Reloaded>, ReloadRejected>>,
+}
+
+/// A new version, loaded and instantiated, ready to take the next batch.
+struct Reloaded {
+    plugin: Plugin,
+    instance: HandlerInstance,
+}
+
+/// Why a new version of the plugin was not taken.
+#[derive(Debug, thiserror::Error)]
+enum ReloadRejected {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("loading the new version panicked")]
+    Panicked,
 }
 
 impl Pipeline {
@@ -239,6 +269,7 @@ impl Pipeline {
             &config.tables,
         ));
         let status = StatusHandle::new(&config.name);
+        status.set_embedder(embedder.clone());
         let mut source = source;
         source.report_to(&status);
         Pipeline {
@@ -251,7 +282,19 @@ impl Pipeline {
             embedder,
             status,
             metrics: PipelineMetrics::default(),
+            reloads: None,
+            pending_reload: None,
+            first_batch_of_reload: None,
         }
+    }
+
+    /// Takes a new version of the plugin file each time `reloads` fires: loaded and
+    /// instantiated beside the running one, swapped in between two batches (the batch in
+    /// flight finishes on the old version, nothing is replayed or skipped), or rejected with
+    /// an error in the log while the old version keeps running.
+    pub fn with_reloads(mut self, reloads: ReloadListener) -> Pipeline {
+        self.reloads = Some(reloads);
+        self
     }
 
     /// Counts into `metrics` (the process's registry) instead of metrics of its own.
@@ -272,6 +315,7 @@ impl Pipeline {
     /// pipeline across restarts).
     pub fn with_status(mut self, status: StatusHandle) -> Pipeline {
         self.source.report_to(&status);
+        status.set_embedder(self.embedder.clone());
         self.status = status;
         self
     }
@@ -289,6 +333,7 @@ impl Pipeline {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<RunSummary, PipelineError> {
         let name = self.config.name.clone();
+        let slot = self.config.slot.clone();
         let embedder = self.embedder.clone();
         let result = self.run_to_end(shutdown).await;
         if let Some(cache) = embedder.cache_stats() {
@@ -306,6 +351,7 @@ impl Pipeline {
         if let Ok(summary) = &result {
             info!(
                 pipeline = %name,
+                slot = %slot,
                 events = summary.events,
                 batches = summary.batches,
                 confirmed = %summary.confirmed,
@@ -332,6 +378,7 @@ impl Pipeline {
         // start code that traps, a memory limit too small for it) fails now, not when the
         // first change arrives, possibly hours later, and before a slot is made for it.
         let mut handler = Some(self.instantiate().await?);
+        self.status.set_plugin(self.plugin.digest());
         let start = self.source.prepare().await?;
         self.sink.prepare(self.dimensions).await?;
         let mut summary = RunSummary {
@@ -377,7 +424,7 @@ impl Pipeline {
             }
             outage = None;
             self.status.set_state(PipelineState::Streaming);
-            info!(pipeline = %config.name, source = %self.source.describe(), from = %from, "streaming");
+            info!(pipeline = %config.name, slot = %config.slot, source = %self.source.describe(), from = %from, "streaming");
             let end = self
                 .drive(
                     BatchBuilder::new(config.batch.max_events),
@@ -418,6 +465,66 @@ impl Pipeline {
         }
     }
 
+    /// Starts loading the plugin file as it is now, in a task of its own: compiling runs on
+    /// the blocking pool and instantiating beside the running instance, so the stream goes
+    /// on meanwhile.
+    fn begin_reload(&mut self, requested: Instant) {
+        let running = self.plugin.clone();
+        let imports = self.imports.clone();
+        let limits = self.config.limits;
+        let log_target = self.log_target();
+        info!(pipeline = %self.config.name, path = %running.path().display(), "reload requested; loading the plugin file");
+        let task = tokio::spawn(async move {
+            let current = running.digest();
+            let plugin = tokio::task::spawn_blocking(move || running.load_again())
+                .await
+                .map_err(|_| ReloadRejected::Panicked)??;
+            if plugin.digest() == current {
+                return Ok(None);
+            }
+            let instance = plugin.instantiate(imports, limits, &log_target).await?;
+            Ok(Some(Reloaded { plugin, instance }))
+        });
+        self.pending_reload = Some(PendingReload { requested, task });
+    }
+
+    /// Takes the loaded version (the next batch runs on it), or keeps the running one.
+    fn swap_in(
+        &mut self,
+        requested: Instant,
+        loaded: Result<Option<Reloaded>, ReloadRejected>,
+        handler: &mut Option<HandlerInstance>,
+    ) {
+        let name = &self.config.name;
+        let path = self.plugin.path().display().to_string();
+        match loaded {
+            Ok(Some(Reloaded { plugin, instance })) => {
+                info!(
+                    pipeline = %name, %path, from = %self.plugin.digest(), to = %plugin.digest(),
+                    load_ms = requested.elapsed().as_millis() as u64,
+                    "plugin reloaded; the next batch runs on the new version"
+                );
+                *handler = Some(instance);
+                self.plugin = plugin;
+                self.first_batch_of_reload = Some(requested);
+                self.status.set_plugin(self.plugin.digest());
+                self.metrics.reloaded(ReloadOutcome::Applied);
+            }
+            Ok(None) => {
+                info!(pipeline = %name, %path, plugin = %self.plugin.digest(), "plugin file unchanged; keeping the running instance");
+                self.metrics.reloaded(ReloadOutcome::Unchanged);
+            }
+            Err(rejected) => {
+                let error = crate::error_chain::one_line(&rejected);
+                error!(
+                    pipeline = %name, %path, running = %self.plugin.digest(), %error,
+                    "new plugin version rejected; the running version keeps handling changes"
+                );
+                self.metrics.reloaded(ReloadOutcome::Rejected);
+            }
+        }
+    }
+
     async fn instantiate(&self) -> Result<HandlerInstance, PipelineError> {
         self.plugin
             .instantiate(self.imports.clone(), self.config.limits, &self.log_target())
@@ -453,7 +560,7 @@ impl Pipeline {
                 _ = shutdown.as_mut() => {
                     // Handled or given up on, what is confirmed is what `summary` says.
                     self.flush(&mut builder, handler, summary, &mut progress, None).await?;
-                    info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
+                    info!(pipeline = %config.name, slot = %config.slot, confirmed = %summary.confirmed, "shutting down");
                     return Ok(StreamEnd::Finished);
                 }
                 _ = &mut batch_deadline, if batch_open => {
@@ -464,6 +571,18 @@ impl Pipeline {
                         return Ok(StreamEnd::Finished);
                     }
                     batch_open = false;
+                    continue;
+                }
+                // Between two handler calls: the only place a new version is swapped in.
+                (requested, loaded) = reload_loaded(&mut self.pending_reload) => {
+                    self.swap_in(requested, loaded, handler);
+                    continue;
+                }
+                requested = reload_requested(&mut self.reloads), if self.pending_reload.is_none() => {
+                    match requested {
+                        Some(requested) => self.begin_reload(requested),
+                        None => self.reloads = None,
+                    }
                     continue;
                 }
                 received = self.source.recv(&mut items) => received,
@@ -485,7 +604,7 @@ impl Pipeline {
                         items.clear();
                         self.flush(&mut builder, handler, summary, &mut progress, None)
                             .await?;
-                        info!(pipeline = %config.name, confirmed = %summary.confirmed, "shutting down");
+                        info!(pipeline = %config.name, slot = %config.slot, confirmed = %summary.confirmed, "shutting down");
                         return Ok(StreamEnd::Finished);
                     }
                     Step::BatchFull => {
@@ -531,7 +650,7 @@ impl Pipeline {
                     }
                 }
             }
-            progress.tick(&config.name, summary, self.embedder.as_ref());
+            progress.tick(&config, summary, self.embedder.as_ref());
         }
     }
 
@@ -572,6 +691,15 @@ impl Pipeline {
             summary.events += events.len() as u64;
             summary.batches += 1;
             self.status.add_events(events.len() as u64);
+            if let Some(requested) = self.first_batch_of_reload.take() {
+                let latency = requested.elapsed();
+                info!(
+                    pipeline = %self.config.name, plugin = %self.plugin.digest(),
+                    swap_latency_ms = latency.as_millis() as u64,
+                    "first batch handled by the reloaded plugin"
+                );
+                self.metrics.reload_latency(latency);
+            }
         }
         if let Some(lsn) = completes {
             self.confirm(summary, lsn);
@@ -746,6 +874,30 @@ impl Outage {
     }
 }
 
+/// The next reload request, never when there is no listener.
+async fn reload_requested(reloads: &mut Option<ReloadListener>) -> Option<Instant> {
+    match reloads {
+        Some(listener) => listener.requested().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the reload in progress, never when there is none. Cancel-safe: the load goes
+/// on in its task when this future is dropped.
+async fn reload_loaded(
+    pending: &mut Option<PendingReload>,
+) -> (Instant, Result<Option<Reloaded>, ReloadRejected>) {
+    let Some(reload) = pending.as_mut() else {
+        return std::future::pending().await;
+    };
+    let loaded = (&mut reload.task)
+        .await
+        .unwrap_or(Err(ReloadRejected::Panicked));
+    let requested = reload.requested;
+    *pending = None;
+    (requested, loaded)
+}
+
 /// Whether the stop request has come, without waiting for it. Once this returns true the
 /// future has finished and must not be polled again: every caller returns at once.
 fn stop_requested(shutdown: &mut Pin<&mut (impl Future<Output = ()> + Send)>) -> bool {
@@ -783,7 +935,8 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, name: &str, summary: &RunSummary, embedder: &dyn Embedder) {
+    fn tick(&mut self, config: &PipelineConfig, summary: &RunSummary, embedder: &dyn Embedder) {
+        let (name, slot) = (&config.name, &config.slot);
         let elapsed = self.last.elapsed();
         if elapsed < self.interval {
             return;
@@ -791,13 +944,13 @@ impl Progress {
         let rate = (summary.events - self.last_events) as f64 / elapsed.as_secs_f64();
         match embedder.cache_stats() {
             Some(cache) => info!(
-                pipeline = %name, events = summary.events, events_per_sec = rate.round(),
+                pipeline = %name, slot = %slot, events = summary.events, events_per_sec = rate.round(),
                 confirmed = %summary.confirmed,
                 embed_cache_hit_rate = format_args!("{:.3}", cache.hit_rate()),
                 texts_embedded = cache.texts_embedded, "progress"
             ),
             None => info!(
-                pipeline = %name, events = summary.events, events_per_sec = rate.round(),
+                pipeline = %name, slot = %slot, events = summary.events, events_per_sec = rate.round(),
                 confirmed = %summary.confirmed, "progress"
             ),
         }

@@ -6,8 +6,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
+use crate::embed::{EmbedCacheStats, Embedder};
 use crate::lsn::Lsn;
 use crate::replication::SlotWal;
+use crate::runtime::PluginDigest;
 
 /// The phase a pipeline is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,12 +105,24 @@ pub struct PipelineStatus {
     pub since: SystemTime,
     /// The last reading of the slot's lag and hold on WAL, while streaming from Postgres.
     pub slot: Option<SlotWal>,
+    /// The version of the plugin that handles the changes, once one is running.
+    pub plugin: Option<PluginDigest>,
 }
 
 /// A shared, cheap-to-clone handle on one pipeline's status.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StatusHandle {
     inner: Arc<Mutex<PipelineStatus>>,
+    /// The running embedder, asked for its cache's figures when they are read.
+    embedder: Arc<Mutex<Option<Arc<dyn Embedder>>>>,
+}
+
+impl fmt::Debug for StatusHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StatusHandle")
+            .field("status", &*self.lock())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StatusHandle {
@@ -123,7 +137,9 @@ impl StatusHandle {
                 last_error: None,
                 since: SystemTime::now(),
                 slot: None,
+                plugin: None,
             })),
+            embedder: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -159,6 +175,27 @@ impl StatusHandle {
     /// Records a reading of the pipeline's replication slot.
     pub(crate) fn set_slot(&self, slot: SlotWal) {
         self.lock().slot = Some(slot);
+    }
+
+    /// Records the version of the plugin now handling the changes.
+    pub(crate) fn set_plugin(&self, plugin: PluginDigest) {
+        self.lock().plugin = Some(plugin);
+    }
+
+    /// Makes `embedder` the one whose cache figures [`StatusHandle::embed_cache_stats`] reads.
+    pub(crate) fn set_embedder(&self, embedder: Arc<dyn Embedder>) {
+        *self.embedder.lock().unwrap_or_else(PoisonError::into_inner) = Some(embedder);
+    }
+
+    /// The running embedder's cache figures, if it has a cache. They count from the pipeline's
+    /// last (re)start.
+    pub fn embed_cache_stats(&self) -> Option<EmbedCacheStats> {
+        let embedder = self
+            .embedder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        embedder?.cache_stats()
     }
 
     /// Counts events handled by a successful handler call.

@@ -18,7 +18,7 @@ use super::bindings::Handler;
 use super::cache::ComponentCache;
 use super::error::RuntimeError;
 use super::host_imports::HostState;
-use super::plugin::{Plugin, StoreState};
+use super::plugin::{Plugin, PluginDigest, StoreState};
 
 /// How often the engine's epoch advances: the granularity of time limits.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -86,6 +86,11 @@ impl PluginEngine {
         })
     }
 
+    /// The engine `shared` belongs to.
+    pub(crate) fn from_shared(shared: Arc<EngineShared>) -> PluginEngine {
+        PluginEngine { shared }
+    }
+
     /// Loads the component at `path`: from the compiled-component cache when it holds this
     /// exact component for this engine, otherwise by compiling it (and then caching it).
     /// Checks that the component's imports are ones the host offers.
@@ -124,6 +129,7 @@ impl PluginEngine {
         Ok(Plugin::new(
             self.shared.clone(),
             path.to_owned(),
+            PluginDigest::of(&bytes),
             instance_pre,
             handle_export,
         ))

@@ -30,4 +30,4 @@ pub use error::{HandleError, RuntimeError};
 pub use host_imports::{HostImports, ImportError, ImportErrorKind};
 pub use instance::HandlerInstance;
 pub use limits::Limits;
-pub use plugin::Plugin;
+pub use plugin::{Plugin, PluginDigest};

@@ -37,6 +37,7 @@ struct PluginInner {
     /// Keeps the engine and its epoch ticker alive as long as any plugin is.
     engine: Arc<EngineShared>,
     path: PathBuf,
+    digest: PluginDigest,
     instance_pre: InstancePre<StoreState>,
     handle_export: ComponentExportIndex,
 }
@@ -49,6 +50,32 @@ const CPU_BURST_TICKS: u32 = 10;
 /// After its burst, a computing guest pauses this long after each tick it runs: at most a
 /// fifth of a core. The pause counts against its time limit, which still stops it.
 const CPU_THROTTLE_PAUSE: Duration = Duration::from_millis(4 * EPOCH_TICK.as_millis() as u64);
+
+/// The SHA-256 of a component's bytes: tells two versions of a plugin file apart.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PluginDigest([u8; 32]);
+
+impl PluginDigest {
+    pub(crate) fn of(bytes: &[u8]) -> PluginDigest {
+        use sha2::{Digest, Sha256};
+        PluginDigest(Sha256::digest(bytes).into())
+    }
+}
+
+/// The first 12 hex digits, enough to tell versions apart in logs and metrics.
+impl std::fmt::Display for PluginDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0[..6]
+            .iter()
+            .try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
+impl std::fmt::Debug for PluginDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PluginDigest({self})")
+    }
+}
 
 /// The guest's time limit ran out; the error the epoch callback traps the guest with.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +107,7 @@ impl Plugin {
     pub(crate) fn new(
         engine: Arc<EngineShared>,
         path: PathBuf,
+        digest: PluginDigest,
         instance_pre: InstancePre<StoreState>,
         handle_export: ComponentExportIndex,
     ) -> Plugin {
@@ -87,6 +115,7 @@ impl Plugin {
             inner: Arc::new(PluginInner {
                 engine,
                 path,
+                digest,
                 instance_pre,
                 handle_export,
             }),
@@ -96,6 +125,18 @@ impl Plugin {
     /// The file the plugin was loaded from.
     pub fn path(&self) -> &std::path::Path {
         &self.inner.path
+    }
+
+    /// What the file held when it was loaded.
+    pub fn digest(&self) -> PluginDigest {
+        self.inner.digest
+    }
+
+    /// Loads the plugin's file again, with the same engine (and compiled-component cache), as
+    /// it is now: for a hot reload. Compiles when the file changed, so call it from a blocking
+    /// context, like [`PluginEngine::load`](super::PluginEngine::load).
+    pub fn load_again(&self) -> Result<Plugin, RuntimeError> {
+        super::engine::PluginEngine::from_shared(self.inner.engine.clone()).load(&self.inner.path)
     }
 
     /// Creates a fresh instance: a new store with `limits`, whose host imports go to

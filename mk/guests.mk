@@ -24,3 +24,11 @@ guests:
 		cp $(GUEST_CARGO_TARGET_DIR)/$(GUEST_TARGET)/release/$$(echo $$name | tr - _).wasm \
 			$(GUEST_WASM_DIR)/$$name.wasm; \
 	done
+	@# Two versions of one handler, told apart by a tag in their payloads (hot-reload tests).
+	@set -e; for tag in v1 v2; do \
+		echo "building guest tagged-handler-$$tag"; \
+		PGSTREAM_HANDLER_TAG=$$tag CARGO_TARGET_DIR=$(GUEST_CARGO_TARGET_DIR) cargo build --quiet \
+			--release --target $(GUEST_TARGET) --manifest-path tests/plugins/tagged-handler/Cargo.toml; \
+		cp $(GUEST_CARGO_TARGET_DIR)/$(GUEST_TARGET)/release/tagged_handler.wasm \
+			$(GUEST_WASM_DIR)/tagged-handler-$$tag.wasm; \
+	done

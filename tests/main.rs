@@ -13,6 +13,7 @@ mod metrics;
 mod openai;
 mod pipeline;
 mod qdrant;
+mod reload;
 mod scaffold;
 mod serve;
 mod wal_guard;

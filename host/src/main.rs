@@ -5,6 +5,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -18,11 +19,15 @@ use pgstream_host::embed::{
     DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
 };
 use pgstream_host::lsn::Lsn;
+use pgstream_host::reload::FileWatcher;
 use pgstream_host::replication::{self, SourceConfig, TableName};
 use pgstream_host::scaffold::{self, Language};
 use pgstream_host::sink::QDRANT_API_KEY_VAR;
-use pgstream_host::supervisor::{PipelineFailure, RestartPolicy, Supervisor};
-use tracing::{error, info};
+use pgstream_host::supervisor::{
+    Command as SupervisorCommand, PipelineFailure, RestartPolicy, Supervisor,
+};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
 
 /// Streams Postgres row changes through a sandboxed WebAssembly handler into a vector store.
 ///
@@ -35,8 +40,26 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
+    /// Log lines as text, or as one JSON object per line (the pipeline, slot and LSNs as
+    /// fields) for a log collector.
+    #[arg(long, env = "PGSTREAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+
+    /// Reload when a file changes, as on SIGHUP: the plugin file (run), or the config file
+    /// and every pipeline's plugin file (serve).
+    #[arg(long, env = "PGSTREAM_WATCH", global = true)]
+    watch: bool,
+
     #[command(flatten)]
     args: Args,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,7 +69,9 @@ enum Command {
     /// Check a config file without running anything: exit 0, or list every problem.
     Validate(ConfigArgs),
     /// Run every pipeline of a config file until SIGINT/SIGTERM. A failing pipeline is
-    /// restarted with backoff; the others keep running.
+    /// restarted with backoff; the others keep running. SIGHUP reloads the file: new
+    /// pipelines start, removed ones stop, changed ones restart, the others reload their
+    /// plugin.
     Serve(ConfigArgs),
     /// One line per pipeline of a config file: state, confirmed LSN, lag, last error.
     Status(ConfigArgs),
@@ -425,19 +450,8 @@ fn default_threads() -> usize {
 // computing guest yields at every epoch tick. `serve` runs many pipelines, which should use
 // every core and not wait for each other's guests: it gets the multi-threaded runtime.
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGSTREAM_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                // Server NOTICEs ("already exists, skipping") are noise for an operator.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal: log files and collectors get plain
-        // text (and NO_COLOR is honoured, https://no-color.org).
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let runtime = match cli.command {
         Some(Command::Serve(_)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -467,19 +481,49 @@ fn main() {
     std::process::exit(code)
 }
 
+/// Logs to stderr, filtered by `PGSTREAM_LOG` (else `RUST_LOG`), in `format`.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSTREAM_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        // Server NOTICEs ("already exists, skipping") are noise for an operator.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour codes only for a person at a terminal: log files and collectors get plain
+        // text (and NO_COLOR is honoured, https://no-color.org).
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        // Fields at the top level beside `timestamp`, `level`, `target` and `message`, so a
+        // collector can index `pipeline`, `slot` and `confirmed` without unnesting.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::New { lang, name }) => new_project(lang.into(), &name),
         Some(Command::Validate(config)) => validate(&config.config).await,
-        Some(Command::Serve(config)) => serve(&config.config, cli.args.metrics_addr).await,
+        Some(Command::Serve(config)) => {
+            serve(&config.config, cli.args.metrics_addr, cli.watch).await
+        }
         Some(Command::Status(config)) => status(&config.config).await,
-        Some(Command::Pipeline(command)) => run_pipeline_command(command, cli.args).await,
-        None => run_pipeline_command(PipelineCommand::Run, cli.args).await,
+        Some(Command::Pipeline(command)) => {
+            run_pipeline_command(command, cli.args, cli.watch).await
+        }
+        None => run_pipeline_command(PipelineCommand::Run, cli.args, cli.watch).await,
     }
 }
 
 /// The commands that work on a source database and its pipeline.
-async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()> {
+async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool) -> Result<()> {
     let spec = pipeline_spec(&args)?;
     let (slot, publication) = slot_and_publication(&args)?;
     match command {
@@ -558,8 +602,14 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args) -> Result<()
             let shutdown = listen_for_shutdown();
             let settings = process_settings(&args);
             let shared = Arc::new(SharedResources::new(&settings).map_err(cli_error)?);
-            let supervisor = Supervisor::new(shared.clone(), vec![spec], RestartPolicy::never());
+            let (commands, receiver) = mpsc::unbounded_channel();
+            let plugin = spec.plugin.clone();
+            let supervisor = Supervisor::new(shared.clone(), vec![spec], RestartPolicy::never())
+                .with_commands(receiver);
             let _endpoint = serve_metrics(&settings, &shared).await?;
+            let _reloads = AbortOnDrop(tokio::spawn(reload_plugin_on_request(
+                plugin, watch, commands,
+            )));
             let outcome = supervisor
                 .run(shutdown)
                 .await
@@ -637,8 +687,146 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// `run`'s reloads: on SIGHUP, and with `watch` when the plugin file changes, asks the
+/// pipeline to load its plugin again.
+async fn reload_plugin_on_request(
+    plugin: PathBuf,
+    watch: bool,
+    commands: mpsc::UnboundedSender<SupervisorCommand>,
+) {
+    let mut hangups = hangups();
+    let (changed, mut changes) = mpsc::unbounded_channel();
+    let _watcher = watch.then(|| start_watcher(std::slice::from_ref(&plugin), changed));
+    loop {
+        let at = tokio::select! {
+            Some(()) = next_hangup(&mut hangups) => {
+                info!("SIGHUP received; reloading the plugin");
+                Instant::now()
+            }
+            Some((at, _)) = changes.recv() => {
+                info!(path = %plugin.display(), "plugin file changed; reloading it");
+                at
+            }
+            else => return,
+        };
+        if commands
+            .send(SupervisorCommand::ReloadPlugins { files: None, at })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// `serve`'s reloads: on SIGHUP, and with `watch` when the config file changes, reads the
+/// config file again and applies it (a file with problems is rejected whole, and the running
+/// configuration stays); with `watch`, a changed plugin file reloads the pipelines that use it.
+async fn reload_config_on_request(
+    path: PathBuf,
+    mut running: ConfigFile,
+    watch: bool,
+    commands: mpsc::UnboundedSender<SupervisorCommand>,
+) {
+    let mut hangups = hangups();
+    let (changed, mut changes) = mpsc::unbounded_channel();
+    let watched = |file: &ConfigFile| {
+        let mut files = vec![path.clone()];
+        files.extend(file.pipelines.iter().map(|spec| spec.plugin.clone()));
+        files.dedup();
+        files
+    };
+    let mut watcher = watch.then(|| start_watcher(&watched(&running), changed.clone()));
+    loop {
+        let (at, files) = tokio::select! {
+            Some(()) = next_hangup(&mut hangups) => {
+                info!(config = %path.display(), "SIGHUP received; reloading the config file");
+                (Instant::now(), None)
+            }
+            Some((at, files)) = changes.recv() => (at, Some(files)),
+            else => return,
+        };
+        let command = match files {
+            Some(files) if !files.contains(&path) => {
+                info!(files = ?files, "plugin files changed; reloading the pipelines that use them");
+                SupervisorCommand::ReloadPlugins {
+                    files: Some(files),
+                    at,
+                }
+            }
+            _ => match ConfigFile::load(&path) {
+                Err(problems) => {
+                    error!(
+                        config = %path.display(),
+                        "config reload rejected; the running configuration stays:\n{problems}"
+                    );
+                    continue;
+                }
+                Ok(mut file) => {
+                    file.settings.metrics_addr = running.settings.metrics_addr;
+                    if file.settings != running.settings {
+                        warn!(
+                            config = %path.display(),
+                            "[settings] changed; they apply at the next start of the host \
+                             (the pipelines' changes apply now)"
+                        );
+                    }
+                    let specs = file.pipelines.clone();
+                    running = ConfigFile {
+                        settings: running.settings,
+                        pipelines: file.pipelines,
+                    };
+                    if watch {
+                        // The set of plugin files may have changed.
+                        drop(watcher.take());
+                        watcher = Some(start_watcher(&watched(&running), changed.clone()));
+                    }
+                    SupervisorCommand::Apply { specs, at }
+                }
+            },
+        };
+        if commands.send(command).is_err() {
+            return;
+        }
+    }
+}
+
+/// Watches `files`, logging (once) why it cannot.
+fn start_watcher(
+    files: &[PathBuf],
+    changes: mpsc::UnboundedSender<(Instant, Vec<PathBuf>)>,
+) -> Option<FileWatcher> {
+    match FileWatcher::start(files, changes) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            error!(%error, "--watch: changes will not be noticed; send SIGHUP to reload");
+            None
+        }
+    }
+}
+
+/// SIGHUP, if it can be watched. Watching it also replaces its default action (ending the
+/// process).
+fn hangups() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            error!("cannot listen for SIGHUP: {error}");
+            None
+        }
+    }
+}
+
+/// The next SIGHUP, never when it cannot be watched.
+async fn next_hangup(hangups: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match hangups {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `serve`: every pipeline of the file under one supervisor.
-async fn serve(path: &Path, metrics_addr: Option<std::net::SocketAddr>) -> Result<()> {
+async fn serve(path: &Path, metrics_addr: Option<std::net::SocketAddr>, watch: bool) -> Result<()> {
     let mut file = ConfigFile::load(path)?;
     // The flag wins over the file, like every flag.
     if metrics_addr.is_some() {
@@ -649,9 +837,21 @@ async fn serve(path: &Path, metrics_addr: Option<std::net::SocketAddr>) -> Resul
     let count = file.pipelines.len();
     info!(config = %path.display(), pipelines = count, "serving");
     let host = coordination::host_identity();
-    let supervisor = Supervisor::new(shared.clone(), file.pipelines, RestartPolicy::default())
-        .coordinated(&host);
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let supervisor = Supervisor::new(
+        shared.clone(),
+        file.pipelines.clone(),
+        RestartPolicy::default(),
+    )
+    .coordinated(&host)
+    .with_commands(receiver);
     let _endpoint = serve_metrics(&file.settings, &shared).await?;
+    let _reloads = AbortOnDrop(tokio::spawn(reload_config_on_request(
+        path.to_owned(),
+        file.clone(),
+        watch,
+        commands,
+    )));
     let outcomes = supervisor.run(shutdown).await;
     let failed: Vec<String> = outcomes
         .iter()

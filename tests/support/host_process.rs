@@ -176,6 +176,11 @@ impl HostProcess {
         self.wait_timeout(timeout).await
     }
 
+    /// Sends SIGHUP: the host reloads its plugin (or, under `serve`, its config file).
+    pub fn hang_up(&mut self) -> Result<()> {
+        self.signal(Signal::HUP)
+    }
+
     /// Sends SIGTERM without waiting for the exit.
     pub fn send_terminate(&mut self) -> Result<()> {
         self.signal(Signal::TERM)

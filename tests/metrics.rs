@@ -1,13 +1,21 @@
 //! The metrics endpoint of `serve --metrics-addr`: `/metrics` parsed by a real Prometheus text
 //! parser shows each pipeline's handled events, batches, state and confirmed position; `/healthz`
 //! answers while the process is up; `/readyz` passes while every pipeline streams and fails,
-//! naming the pipeline and its reason, when one has failed.
+//! naming the pipeline and its reason, when one has failed. On a server of its own, the lag
+//! grows while the pipeline rides out an embedder outage and comes back to exactly 0 once it
+//! has caught up, the embedding cache's misses and hits are counted, and `--log-format json`
+//! writes every line as JSON with the pipeline, slot and positions as fields.
 
 use std::time::Duration;
 
 use pgstream_e2e::metrics_endpoint::{free_port, get, sample};
 use pgstream_e2e::tenants::{SOURCE_DSN_VAR, jsonl, jsonl_pipeline, write_config};
-use pgstream_e2e::{HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, wait_until};
+use pgstream_e2e::{
+    HOST_RUN_TIMEOUT, HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline,
+    wait_until,
+};
+use pgstream_host::embed::API_KEY_ENV;
+use serde_json::Value as Json;
 use tempfile::TempDir;
 
 fn start(config: &std::path::Path, port: u16, db: &TestDb) -> HostProcess {
@@ -146,4 +154,121 @@ async fn metrics_count_what_each_pipeline_handled_and_readyz_follows_their_state
         "{body}"
     );
     host.terminate(HOST_RUN_TIMEOUT).await.unwrap();
+}
+
+async fn lag(port: u16) -> Option<f64> {
+    let (_, text) = get(port, "/metrics").await?;
+    sample(&text, "pgstream_replication_lag_bytes", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_grows_in_an_outage_and_returns_to_zero_and_json_logs_carry_the_fields() {
+    // A server of its own: no other test's WAL keeps the lag above 0.
+    let server = PgServer::start(PgVersion::Pg15).expect("start a server");
+    let db = server.create_database().await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text); CREATE TABLE filler (x text);")
+        .await;
+    let embedder = OpenAiServer::start().await;
+    let folder = TempDir::new().unwrap();
+    let sink = folder.path().join("sink.jsonl");
+    let port = free_port();
+    let pipeline = TestPipeline::new(&db, "docs", "embed-handler")
+        .with_args(&[
+            "--sink".to_owned(),
+            "jsonl".to_owned(),
+            "--collection".to_owned(),
+            sink.display().to_string(),
+            "--embedder".to_owned(),
+            "openai".to_owned(),
+            "--openai-base-url".to_owned(),
+            embedder.base_url(),
+            "--openai-model".to_owned(),
+            OpenAiServer::MODEL.to_owned(),
+            "--embed-cache".to_owned(),
+            folder.path().join("cache.redb").display().to_string(),
+            "--metrics-addr".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--log-format".to_owned(),
+            "json".to_owned(),
+        ])
+        .with_env(API_KEY_ENV, OpenAiServer::API_KEY)
+        .without_env("OPENAI_API_KEY");
+    let mut host = pipeline.start_streaming().await;
+
+    // The embedder goes down: nothing is confirmed while the writes go on.
+    embedder.fail_next(1_000_000, 503, None);
+    db.exec("INSERT INTO docs SELECT g, 'text ' || g FROM generate_series(1, 40) g")
+        .await;
+    host.wait_for_log("unavailable; retrying the batch", Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|error| panic!("the outage is ridden out: {error}\n{}", host.log()));
+    db.exec("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000)")
+        .await;
+    wait_until(Duration::from_secs(30), || async {
+        lag(port).await.is_some_and(|lag| lag >= 1_000_000.0)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the lag shows: {error}\n{}", host.log()));
+    let first = lag(port).await.unwrap();
+    db.exec("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000)")
+        .await;
+    wait_until(Duration::from_secs(30), || async {
+        lag(port)
+            .await
+            .is_some_and(|now| now >= first + 1_000_000.0)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the lag grows: {error}\n{}", host.log()));
+
+    // Back up: the pipeline catches up, and on this quiet server the lag is exactly 0.
+    embedder.stop_failing();
+    wait_until(Duration::from_secs(90), || async {
+        lag(port).await == Some(0.0)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the lag returns to 0: {error}\n{}", host.log()));
+    let (_, text) = get(port, "/metrics").await.unwrap();
+    // Each try during the outage looked the texts up too: at least one miss per text.
+    let misses = sample(&text, "pgstream_embed_cache_misses_total", &[]).unwrap();
+    assert!(misses >= 40.0, "{text}");
+    assert_eq!(
+        sample(&text, "pgstream_embed_cache_hits_total", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(jsonl(&sink).len(), 40);
+    assert!(
+        host.terminate(HOST_RUN_TIMEOUT).await.unwrap().success(),
+        "{}",
+        host.log()
+    );
+
+    // Every line is one JSON object; the lines that tell positions name the pipeline and slot.
+    let log = host.log();
+    let lines: Vec<Json> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .collect();
+    let line = |message: &str| {
+        lines
+            .iter()
+            .find(|line| line["message"] == message)
+            .unwrap_or_else(|| panic!("a {message:?} line in\n{log}"))
+    };
+    let streaming = line("streaming");
+    let slot = db.unique_name("slot");
+    assert_eq!(streaming["slot"], slot.as_str(), "{streaming}");
+    assert_eq!(streaming["level"], "INFO");
+    assert!(
+        streaming["pipeline"].is_string() && streaming["from"].is_string(),
+        "{streaming}"
+    );
+    let stopped = line("stopped");
+    assert_eq!(stopped["slot"], slot.as_str(), "{stopped}");
+    assert!(
+        stopped["confirmed"]
+            .as_str()
+            .is_some_and(|lsn| lsn.contains('/')),
+        "{stopped}"
+    );
 }

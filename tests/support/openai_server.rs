@@ -213,6 +213,12 @@ impl OpenAiServer {
         }
     }
 
+    /// Drops the failures still queued by [`fail_next`](Self::fail_next): the server answers
+    /// normally again.
+    pub fn stop_failing(&self) {
+        lock(&self.state.behaviour).failures.clear();
+    }
+
     /// Waits `delay` before answering each request from now on.
     pub fn set_delay(&self, delay: Duration) {
         lock(&self.state.behaviour).delay = delay;

@@ -12,7 +12,7 @@ use pgstream_e2e::metrics_endpoint::{free_port, get, sample};
 use pgstream_e2e::tenants::{SOURCE_DSN_VAR, jsonl, jsonl_pipeline, write_config};
 use pgstream_e2e::{
     HOST_RUN_TIMEOUT, HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline,
-    wait_until,
+    wait_until, workspace_root,
 };
 use pgstream_host::embed::API_KEY_ENV;
 use serde_json::Value as Json;
@@ -228,6 +228,30 @@ async fn lag_grows_in_an_outage_and_returns_to_zero_and_json_logs_carry_the_fiel
     .await
     .unwrap_or_else(|error| panic!("the lag returns to 0: {error}\n{}", host.log()));
     let (_, text) = get(port, "/metrics").await.unwrap();
+    let since = sample(&text, "pgstream_last_change_seconds", &[]).unwrap();
+    assert!((0.0..90.0).contains(&since), "{text}");
+    // Every metric the Grafana dashboard plots is one the host serves.
+    let dashboard =
+        std::fs::read_to_string(workspace_root().join("docs/grafana-dashboard.json")).unwrap();
+    // Samples, and the families described (one without a value now, such as the safe WAL
+    // size on a server without max_slot_wal_keep_size, is still described).
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|line| match line.strip_prefix("# TYPE ") {
+            Some(described) => described.split(' ').next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        })
+        .collect();
+    let plotted = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("pgstream_"));
+    for name in plotted {
+        assert!(
+            served.contains(name),
+            "the dashboard plots {name}, which /metrics lacks:\n{text}"
+        );
+    }
     // Each try during the outage looked the texts up too: at least one miss per text.
     let misses = sample(&text, "pgstream_embed_cache_misses_total", &[]).unwrap();
     assert!(misses >= 40.0, "{text}");

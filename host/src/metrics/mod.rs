@@ -517,6 +517,25 @@ impl Collector for StatusCollector {
                 .as_secs_f64();
             ConstGauge::new(seconds).encode(since.encode_family(&labels)?)?;
         }
+        let mut last_change = encoder.encode_descriptor(
+            "last_change_seconds",
+            "Seconds since the handler last took a batch of changes (absent before the first)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for status in &snapshots {
+            let Some(at) = status.last_change else {
+                continue;
+            };
+            let labels = PipelineLabel {
+                pipeline: status.name.clone(),
+            };
+            let seconds = SystemTime::now()
+                .duration_since(at)
+                .unwrap_or_default()
+                .as_secs_f64();
+            ConstGauge::new(seconds).encode(last_change.encode_family(&labels)?)?;
+        }
         type SlotFigure = fn(&SlotWal) -> Option<i64>;
         let slot_figures: [(&str, &str, SlotFigure); 3] = [
             (

@@ -107,6 +107,8 @@ pub struct PipelineStatus {
     pub slot: Option<SlotWal>,
     /// The version of the plugin that handles the changes, once one is running.
     pub plugin: Option<PluginDigest>,
+    /// When the handler last took a batch of changes (their commits are confirmed with it).
+    pub last_change: Option<SystemTime>,
 }
 
 /// A shared, cheap-to-clone handle on one pipeline's status.
@@ -138,6 +140,7 @@ impl StatusHandle {
                 since: SystemTime::now(),
                 slot: None,
                 plugin: None,
+                last_change: None,
             })),
             embedder: Arc::new(Mutex::new(None)),
         }
@@ -200,6 +203,8 @@ impl StatusHandle {
 
     /// Counts events handled by a successful handler call.
     pub(crate) fn add_events(&self, events: u64) {
-        self.lock().events += events;
+        let mut status = self.lock();
+        status.events += events;
+        status.last_change = Some(SystemTime::now());
     }
 }

@@ -143,6 +143,7 @@ demo: $(VENV_STAMP) wasm-target
 #              and the seconds a standby host needs to take a pipeline over
 #   decoder    the pgoutput decoder alone (criterion)
 #   instances  handler instances with wasmtime's on-demand and pooling allocators
+#   reload     the swap latency of a hot reload under load, against a restart
 # `cargo bench` builds into the release profile, where the benches look for the host binary.
 BENCH_ENV = PGSTREAM_PLUGIN_DIR=$(WASM_DIR) PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN)
 
@@ -152,6 +153,7 @@ bench: setup guests guests-js-starlingmonkey
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench embedding
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench languages
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench multi_tenant
+	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench reload
 	cargo bench -p pgstream-host --bench decoder
 	$(BENCH_ENV) cargo bench -p pgstream-host --bench instances
 

@@ -175,6 +175,18 @@ pub async fn assemble(
     spec: &PipelineSpec,
     shared: &SharedResources,
 ) -> Result<Pipeline, AssemblyError> {
+    assemble_with_fallback(spec, shared, None).await
+}
+
+/// [`assemble`], but when the plugin file no longer loads and `fallback` is a version loaded
+/// from the same file earlier (the one running before a restart), that version is used, with a
+/// warning: a broken deploy, already rejected by a hot reload, must not take a pipeline down
+/// at its next restart.
+pub async fn assemble_with_fallback(
+    spec: &PipelineSpec,
+    shared: &SharedResources,
+    fallback: Option<Plugin>,
+) -> Result<Pipeline, AssemblyError> {
     if let Some(problem) = spec.validate().into_iter().next() {
         return Err(problem.into());
     }
@@ -191,7 +203,20 @@ pub async fn assemble(
         spec.publication_name(),
         StreamOptions::default(),
     );
-    let plugin = load_plugin(shared, &spec.plugin).await?;
+    let plugin = match load_plugin(shared, &spec.plugin).await {
+        Ok(plugin) => plugin,
+        Err(error) => match fallback.filter(|plugin| plugin.path() == spec.plugin) {
+            Some(plugin) => {
+                let error = crate::error_chain::one_line(&error);
+                tracing::warn!(
+                    pipeline = %spec.name, %error, running = %plugin.digest(),
+                    "the plugin file does not load; running the last version that did"
+                );
+                plugin
+            }
+            None => return Err(error),
+        },
+    };
     Ok(Pipeline::new(
         pipeline_config(spec),
         plugin,

@@ -24,10 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::assembly::{self, AssemblyError, SharedResources, assemble};
+use crate::assembly::{self, AssemblyError, SharedResources, assemble_with_fallback};
 use crate::config::PipelineSpec;
 use crate::coordination::{LEASE_INTERVAL, Lease};
-use crate::pipeline::{PipelineError, PipelineState, RunSummary, StatusHandle};
+use crate::pipeline::{PipelineError, PipelineState, RunSummary, RunningPlugin, StatusHandle};
 use crate::reload::ReloadTrigger;
 use crate::replication::SourceConfig;
 
@@ -440,6 +440,8 @@ async fn supervise(
         }
     };
     let mut failures_in_a_row = 0u32;
+    // The version that ran last: a restart falls back on it when the file no longer loads.
+    let running_plugin = RunningPlugin::default();
     let outcome = 'supervising: loop {
         let mut lease = match &coordination {
             None => None,
@@ -463,15 +465,18 @@ async fn supervise(
                 // Listening before the plugin is loaded: a request during assembly is not
                 // lost (at worst the file is read twice).
                 let reloads = reload.listen();
+                let running_plugin = running_plugin.clone();
                 // Its own task, so a panic anywhere in the pipeline ends only this attempt.
                 tokio::spawn(async move {
-                    let pipeline = assemble(&spec, &shared).await?;
+                    let pipeline =
+                        assemble_with_fallback(&spec, &shared, running_plugin.get()).await?;
                     let metrics = shared.metrics().pipeline(&status);
                     Ok::<_, PipelineFailure>(
                         pipeline
                             .with_status(status)
                             .with_metrics(metrics)
                             .with_reloads(reloads)
+                            .with_running_plugin(running_plugin)
                             .run(stop)
                             .await?,
                     )

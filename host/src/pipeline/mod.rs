@@ -229,6 +229,30 @@ pub struct Pipeline {
     pending_reload: Option<PendingReload>,
     /// When the reload whose version now runs was asked for, until its first batch is done.
     first_batch_of_reload: Option<Instant>,
+    /// Where the running version is published, for whoever starts this pipeline again.
+    running_plugin: Option<RunningPlugin>,
+}
+
+/// The plugin version a pipeline runs, kept up to date across hot reloads; a supervisor
+/// holds one per pipeline so a restart can fall back on it. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct RunningPlugin(Arc<std::sync::Mutex<Option<Plugin>>>);
+
+impl RunningPlugin {
+    /// The version running (or last run), if any.
+    pub fn get(&self) -> Option<Plugin> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, plugin: &Plugin) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(plugin.clone());
+    }
 }
 
 /// A reload in progress: the new version loading and instantiating in its own task.
@@ -285,7 +309,15 @@ impl Pipeline {
             reloads: None,
             pending_reload: None,
             first_batch_of_reload: None,
+            running_plugin: None,
         }
+    }
+
+    /// Keeps `running` up to date with the version this pipeline runs.
+    pub fn with_running_plugin(mut self, running: RunningPlugin) -> Pipeline {
+        running.set(&self.plugin);
+        self.running_plugin = Some(running);
+        self
     }
 
     /// Takes a new version of the plugin file each time `reloads` fires: loaded and
@@ -505,6 +537,9 @@ impl Pipeline {
                     "plugin reloaded; the next batch runs on the new version"
                 );
                 *handler = Some(instance);
+                if let Some(running) = &self.running_plugin {
+                    running.set(&plugin);
+                }
                 self.plugin = plugin;
                 self.first_batch_of_reload = Some(requested);
                 self.status.set_plugin(self.plugin.digest());

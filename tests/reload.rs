@@ -6,11 +6,11 @@
 //! ones and restarts only the changed ones; a failed pipeline fixed by a reload becomes ready.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pgstream_e2e::metrics_endpoint::{free_port, get, sample};
-use pgstream_e2e::tenants::{SOURCE_DSN_VAR, jsonl, write_config};
+use pgstream_e2e::tenants::{SOURCE_DSN_VAR, jsonl, pipeline_on_file, write_config};
 use pgstream_e2e::{
     HOST_RUN_TIMEOUT, HostProcess, PgServer, PgVersion, TestDb, TestPipeline, plugin_path,
     wait_until,
@@ -18,25 +18,16 @@ use pgstream_e2e::{
 use serde_json::Value as Json;
 use tempfile::TempDir;
 
-/// A `[[pipeline]]` block like the shared test helper's, but with the plugin file `plugin`.
+/// A `[[pipeline]]` block on the plugin file `plugin`, writing the jsonl file `sink`.
 fn pipeline_block(name: &str, table: &str, plugin: &Path, sink: &Path, extra: &str) -> String {
-    format!(
-        "[[pipeline]]
-name = \"{name}\"
-source = \"db\"
-tables = [\"{table}\"]
-plugin = \"{}\"
-embedder = \"none\"
-sink = \"file\"
-collection = \"{}\"
-batch_wait_ms = 20
-batch_size = 50
-progress_secs = 1
-retry_backoff_ms = 50
-{extra}
-",
-        plugin.display(),
-        sink.display(),
+    let extra = format!("batch_size = 50\n{extra}");
+    pipeline_on_file(
+        name,
+        table,
+        plugin,
+        "file",
+        &sink.display().to_string(),
+        &extra,
     )
 }
 
@@ -46,6 +37,19 @@ fn deploy(source: &Path, target: &Path) {
     let staged = target.with_extension("wasm.new");
     std::fs::copy(source, &staged).expect("stage the new plugin");
     std::fs::rename(&staged, target).expect("replace the plugin");
+}
+
+/// A database with `docs (id, content)`, and a folder holding the plugin file (v1 of the
+/// tagged handler) and the path of the jsonl sink.
+async fn docs_with_v1(version: PgVersion) -> (TestDb, TempDir, PathBuf, PathBuf) {
+    let db = PgServer::shared(version).create_database().await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text);")
+        .await;
+    let folder = TempDir::new().unwrap();
+    let plugin = folder.path().join("handler.wasm");
+    deploy(&plugin_path("tagged-handler-v1"), &plugin);
+    let sink = folder.path().join("docs.jsonl");
+    (db, folder, plugin, sink)
 }
 
 fn start_serve(config: &Path, port: u16, db: &TestDb, watch: bool) -> HostProcess {
@@ -140,13 +144,7 @@ fn steady_writes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_the_plugin_between_batches_under_load_and_rejects_a_broken_one() {
-    let db = PgServer::shared(PgVersion::Pg15).create_database().await;
-    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text);")
-        .await;
-    let folder = TempDir::new().unwrap();
-    let plugin = folder.path().join("handler.wasm");
-    deploy(&plugin_path("tagged-handler-v1"), &plugin);
-    let sink = folder.path().join("docs.jsonl");
+    let (db, folder, plugin, sink) = docs_with_v1(PgVersion::Pg15).await;
     let config = write_config(
         folder.path(),
         "",
@@ -268,13 +266,7 @@ async fn sighup_swaps_the_plugin_between_batches_under_load_and_rejects_a_broken
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_reloads_the_plugin_when_its_file_is_replaced() {
-    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
-    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text);")
-        .await;
-    let folder = TempDir::new().unwrap();
-    let plugin = folder.path().join("handler.wasm");
-    deploy(&plugin_path("tagged-handler-v1"), &plugin);
-    let sink = folder.path().join("docs.jsonl");
+    let (db, _folder, plugin, sink) = docs_with_v1(PgVersion::Pg18).await;
     let pipeline = TestPipeline::new(&db, "docs", "tagged-handler-v1")
         .with_plugin_file(&plugin)
         .with_args(&[

@@ -163,6 +163,23 @@ struct Supervised {
     outcome: Option<PipelineOutcome>,
 }
 
+impl Supervised {
+    /// A pipeline not started yet.
+    fn new(spec: PipelineSpec, status: StatusHandle) -> Supervised {
+        Supervised {
+            spec,
+            status,
+            stop: watch::channel(false).0,
+            reload: ReloadTrigger::new(),
+            run: 0,
+            running: false,
+            replacement: None,
+            removed: false,
+            outcome: None,
+        }
+    }
+}
+
 impl Supervisor {
     /// A supervisor for `specs`, sharing `shared` between them.
     pub fn new(
@@ -245,17 +262,7 @@ impl Supervisor {
             };
         let mut set: Vec<Supervised> = Vec::new();
         for (spec, status) in pipelines {
-            let mut entry = Supervised {
-                spec,
-                status,
-                stop: watch::channel(false).0,
-                reload: ReloadTrigger::new(),
-                run: 0,
-                running: false,
-                replacement: None,
-                removed: false,
-                outcome: None,
-            };
+            let mut entry = Supervised::new(spec, status);
             start(&mut entry, &mut tasks);
             set.push(entry);
         }
@@ -368,17 +375,7 @@ fn apply(command: Command, set: &mut Vec<Supervised>, metrics: &crate::metrics::
                     info!(pipeline = %spec.name, "pipeline added to the configuration; starting it");
                     let status = StatusHandle::new(&spec.name);
                     metrics.watch(&status);
-                    ordered.push(Supervised {
-                        spec,
-                        status,
-                        stop: watch::channel(false).0,
-                        reload: ReloadTrigger::new(),
-                        run: 0,
-                        running: false,
-                        replacement: None,
-                        removed: false,
-                        outcome: None,
-                    });
+                    ordered.push(Supervised::new(spec, status));
                     continue;
                 };
                 let mut entry = set.remove(position);

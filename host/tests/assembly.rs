@@ -2,24 +2,11 @@
 //! version was loaded: the supervisor's restart falls back on that version (from the same file
 //! only), where a first start fails.
 
-use std::path::PathBuf;
-
 use pgstream_host::assembly::{SharedResources, assemble, assemble_with_fallback, load_plugin};
 use pgstream_host::config::ConfigFile;
 
-fn wasm(name: &str) -> PathBuf {
-    let dir = std::env::var_os("PGSTREAM_WASM_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/wasm")),
-        PathBuf::from,
-    );
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make guests` first",
-        path.display()
-    );
-    path
-}
+mod components;
+use components::wasm;
 
 /// A config of two pipelines on `folder/a.wasm` and `folder/b.wasm`, touching no server.
 fn config(folder: &std::path::Path) -> ConfigFile {

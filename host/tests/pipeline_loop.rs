@@ -7,7 +7,6 @@
 //! handler cannot write points of a table its pipeline does not watch.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,20 +24,8 @@ use pgstream_host::runtime::{EngineOptions, HandleError, Limits, PluginEngine};
 use pgstream_host::sink::{Sink, SinkError};
 use pgstream_host::source::{ChangeSource, SourceError, SourceItem};
 
-/// Where `make guests` puts the components; `PGSTREAM_WASM_DIR` overrides it.
-fn wasm(name: &str) -> PathBuf {
-    let dir = std::env::var_os("PGSTREAM_WASM_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/wasm")),
-        PathBuf::from,
-    );
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make guests` first",
-        path.display()
-    );
-    path
-}
+mod components;
+use components::wasm;
 
 /// What happened, in order, across the source and the sink.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,7 +2,6 @@
 //! `target/wasm/`): events arrive intact, batches collapse to one embed and one upsert, and
 //! every failure mode (guest error, trap, timeout, memory) is reported as itself.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,20 +16,8 @@ use pgstream_host::runtime::{
 };
 use serde_json::{Value as Json, json};
 
-/// Where `make guests` puts the components; `PGSTREAM_WASM_DIR` overrides it.
-fn wasm(name: &str) -> PathBuf {
-    let dir = std::env::var_os("PGSTREAM_WASM_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/wasm")),
-        PathBuf::from,
-    );
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make guests` first",
-        path.display()
-    );
-    path
-}
+mod components;
+use components::wasm;
 
 /// One host import call as the guest made it.
 #[derive(Debug, Clone, PartialEq)]

@@ -67,6 +67,18 @@ pub fn pipeline(
     collection: &str,
     extra: &str,
 ) -> String {
+    pipeline_on_file(name, table, &plugin_path(plugin), sink, collection, extra)
+}
+
+/// [`pipeline`] with the component at `plugin` (a file a test may replace).
+pub fn pipeline_on_file(
+    name: &str,
+    table: &str,
+    plugin: &Path,
+    sink: &str,
+    collection: &str,
+    extra: &str,
+) -> String {
     format!(
         "[[pipeline]]
 name = \"{name}\"
@@ -81,7 +93,7 @@ progress_secs = 1
 retry_backoff_ms = 50
 {extra}
 ",
-        plugin_path(plugin).display(),
+        plugin.display(),
     )
 }
 

@@ -410,3 +410,63 @@ async fn a_config_reload_adds_removes_and_restarts_only_changed_pipelines() {
         host.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_watch_reloads_a_changed_plugin_file_and_a_changed_config_file() {
+    let (db, folder, plugin, sink) = docs_with_v1(PgVersion::Pg18).await;
+    db.exec("CREATE TABLE more_docs (id int PRIMARY KEY, content text);")
+        .await;
+    let docs = pipeline_block("docs", "docs", &plugin, &sink, "");
+    let config = write_config(folder.path(), "", std::slice::from_ref(&docs));
+    let port = free_port();
+    let mut host = start_serve(&config, port, &db, true);
+    host.wait_for_log(" streaming ", HOST_RUN_TIMEOUT)
+        .await
+        .expect("the pipeline streams");
+
+    // The plugin file replaced: only a plugin reload, no config reload.
+    deploy(&plugin_path("tagged-handler-v2"), &plugin);
+    host.wait_for_log("plugin reloaded", Duration::from_secs(60))
+        .await
+        .expect("the replaced plugin file is reloaded");
+    db.exec("INSERT INTO docs VALUES (1, 'one')").await;
+    wait_until(Duration::from_secs(60), || async {
+        replayed(&sink).get(&1).is_some_and(|(_, tag)| tag == "v2")
+    })
+    .await
+    .unwrap_or_else(|error| panic!("v2 handles the change: {error}\n{}", host.log()));
+    assert!(
+        !host.log().contains("configuration applied"),
+        "{}",
+        host.log()
+    );
+
+    // The config file rewritten with a second pipeline: it starts, the first runs on.
+    let more_sink = folder.path().join("more.jsonl");
+    let more = pipeline_block("more", "more_docs", &plugin, &more_sink, "");
+    write_config(folder.path(), "", &[docs, more]);
+    host.wait_for_log(
+        "configuration applied added=1 changed=0 removed=0",
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the changed config file is applied");
+    wait_until(HOST_RUN_TIMEOUT, || async {
+        streams(&host.log(), "more") == 1
+    })
+    .await
+    .unwrap_or_else(|error| panic!("the new pipeline streams: {error}\n{}", host.log()));
+    db.exec("INSERT INTO more_docs VALUES (2, 'two'); INSERT INTO docs VALUES (3, 'three');")
+        .await;
+    wait_until(Duration::from_secs(60), || async {
+        replayed(&more_sink).contains_key(&2) && replayed(&sink).contains_key(&3)
+    })
+    .await
+    .unwrap_or_else(|error| panic!("both pipelines flow: {error}\n{}", host.log()));
+    assert_eq!(streams(&host.log(), "docs"), 1, "docs was not restarted");
+    assert!(
+        host.terminate(HOST_RUN_TIMEOUT).await.unwrap().success(),
+        "{}",
+        host.log()
+    );
+}

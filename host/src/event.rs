@@ -22,6 +22,10 @@ pub enum Operation {
     Delete,
     /// The whole table was emptied.
     Truncate,
+    /// A row as a backfill read it from the table, to be treated as an upsert. It may come
+    /// after an update of the same row that was already delivered, and a delete may come
+    /// for a row that was never read.
+    Read,
 }
 
 /// The value of one column, aligned by position with [`Relation::columns`].

@@ -167,7 +167,8 @@ fn expected_echo(event: &ChangeEvent) -> Json {
             .collect::<Vec<_>>()
     };
     let operation = match event.operation {
-        Operation::Insert => "insert",
+        // What a 0.1.0 guest sees: a read row arrives as an insert.
+        Operation::Insert | Operation::Read => "insert",
         Operation::Update => "update",
         Operation::Delete => "delete",
         Operation::Truncate => "truncate",

@@ -297,11 +297,12 @@ const UNAVAILABLE: &str = "unavailable";
 const HANDLER: &str = "handler";
 
 /// The operations counted, in the order of [`op_index`].
-const OPERATIONS: [Operation; 4] = [
+const OPERATIONS: [Operation; 5] = [
     Operation::Insert,
     Operation::Update,
     Operation::Delete,
     Operation::Truncate,
+    Operation::Read,
 ];
 
 fn op_index(op: Operation) -> usize {
@@ -310,6 +311,7 @@ fn op_index(op: Operation) -> usize {
         Operation::Update => 1,
         Operation::Delete => 2,
         Operation::Truncate => 3,
+        Operation::Read => 4,
     }
 }
 
@@ -319,6 +321,7 @@ fn op_name(op: Operation) -> &'static str {
         Operation::Update => "update",
         Operation::Delete => "delete",
         Operation::Truncate => "truncate",
+        Operation::Read => "read",
     }
 }
 
@@ -368,7 +371,7 @@ pub struct PipelineMetrics {
 }
 
 struct PipelineMetricsInner {
-    events: [Counter; 4],
+    events: [Counter; OPERATIONS.len()],
     batches: Counter,
     batch_events: Histogram,
     handler_seconds: Histogram,
@@ -407,7 +410,7 @@ impl PipelineMetrics {
     /// A handler call that returned ok for `events`, after `took`.
     pub fn batch_handled(&self, events: &[crate::event::ChangeEvent], took: Duration) {
         let inner = &self.inner;
-        let mut counts = [0u64; 4];
+        let mut counts = [0u64; OPERATIONS.len()];
         for event in events {
             counts[op_index(event.operation)] += 1;
         }

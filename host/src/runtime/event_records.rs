@@ -131,7 +131,9 @@ impl<'a> BatchRecords<'a> {
                     .map(|old_row| take(row_len(&relation.columns, old_row)));
                 EventRecord {
                     operation: match event.operation {
-                        Operation::Insert => OperationRecord::Insert,
+                        // The handler@0.1.0 world has no `read`; a backfilled row is an
+                        // insert to it.
+                        Operation::Insert | Operation::Read => OperationRecord::Insert,
                         Operation::Update => OperationRecord::Update,
                         Operation::Delete => OperationRecord::Delete,
                         Operation::Truncate => OperationRecord::Truncate,

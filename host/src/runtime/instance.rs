@@ -222,7 +222,7 @@ mod throughput_tests {
         };
         wit::ChangeEvent {
             operation: match event.operation {
-                Operation::Insert => wit::Operation::Insert,
+                Operation::Insert | Operation::Read => wit::Operation::Insert,
                 Operation::Update => wit::Operation::Update,
                 Operation::Delete => wit::Operation::Delete,
                 Operation::Truncate => wit::Operation::Truncate,

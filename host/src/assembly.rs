@@ -28,7 +28,7 @@ use crate::runtime::{EngineOptions, Limits, Plugin, PluginEngine, RuntimeError};
 use crate::sink::{
     JsonLinesSink, PgVectorSink, QdrantOptions, QdrantSink, SearchHit, Sink, SinkError,
 };
-use crate::source::PostgresSource;
+use crate::source::{BackfillSettings, PostgresSource};
 
 /// Why a pipeline could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +202,11 @@ pub async fn assemble_with_fallback(
         spec.slot_name(),
         spec.publication_name(),
         StreamOptions::default(),
-    );
+    )
+    .with_backfill(BackfillSettings {
+        mode: spec.backfill,
+        progress_interval: Duration::from_secs(spec.progress_secs.max(1)),
+    });
     let plugin = match load_plugin(shared, &spec.plugin).await {
         Ok(plugin) => plugin,
         Err(error) => match fallback.filter(|plugin| plugin.path() == spec.plugin) {

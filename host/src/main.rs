@@ -23,6 +23,7 @@ use pgstream_host::reload::FileWatcher;
 use pgstream_host::replication::{self, SourceConfig, TableName};
 use pgstream_host::scaffold::{self, Language};
 use pgstream_host::sink::QDRANT_API_KEY_VAR;
+use pgstream_host::source::backfill::{self, BackfillMode, BackfillState};
 use pgstream_host::supervisor::{
     Command as SupervisorCommand, PipelineFailure, RestartPolicy, Supervisor,
 };
@@ -103,6 +104,28 @@ enum PipelineCommand {
     Check,
     /// Drop the replication slot and the publication, then exit.
     Teardown,
+    /// Deliver the rows the tables already hold (again) to the pipeline, running or not,
+    /// in chunks between watermarks in its own stream; or show, pause, resume or cancel its
+    /// backfills. A running pipeline picks a request up within seconds; a stopped one when
+    /// it starts. With --embed-cache, texts whose vectors are known cost no model time.
+    Backfill {
+        /// Only rows matching this SQL condition, e.g. "updated_at > '2026-01-01'".
+        #[arg(long = "where", conflicts_with_all = ["status", "pause", "resume", "cancel"])]
+        where_clause: Option<String>,
+        /// Print each backfill of the pipeline's slot: state, rows done / estimated, rate, ETA.
+        #[arg(long, conflicts_with_all = ["pause", "resume", "cancel"])]
+        status: bool,
+        /// Pause the backfills of the tables (all of the slot's without --table) after their
+        /// current chunk.
+        #[arg(long, conflicts_with_all = ["resume", "cancel"])]
+        pause: bool,
+        /// Resume paused backfills from their last confirmed chunk.
+        #[arg(long, conflicts_with = "cancel")]
+        resume: bool,
+        /// Cancel backfills; the rows delivered so far stay delivered.
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Embed a query and print the nearest points of the sink (pgvector or qdrant).
     Search {
         /// The text to search for.
@@ -134,6 +157,14 @@ impl From<LanguageArg> for Language {
             LanguageArg::C => Language::C,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackfillArg {
+    /// Backfill the tables' existing rows on the first start.
+    Initial,
+    /// Deliver only changes made after the slot was created.
+    Skip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -407,6 +438,11 @@ struct Args {
     #[arg(long, env = "PGSTREAM_STOP_AT_LSN", global = true)]
     stop_at_lsn: Option<Lsn>,
 
+    /// Whether a first start (a new slot) delivers the rows the tables already hold, before
+    /// and alongside live changes (`initial`), or only changes from then on (`skip`).
+    #[arg(long = "backfill", env = "PGSTREAM_BACKFILL", value_enum, default_value_t = BackfillArg::Initial, global = true)]
+    backfill_mode: BackfillArg,
+
     /// Seconds between progress lines in the log.
     #[arg(
         long,
@@ -532,6 +568,17 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool)
             let client = source.connect_sql().await?;
             replication::preflight(&client, &tables).await?;
             let (slot, publication) = (spec.slot_name(), spec.publication_name());
+            let slot_exists = replication::slot_wal(&client, slot).await?.is_some();
+            let backfilled = if !slot_exists && spec.backfill == BackfillMode::Initial {
+                backfill::register_initial(&client, slot, &tables)
+                    .await
+                    .map_err(|(table, error)| {
+                        anyhow::Error::new(error)
+                            .context(format!("cannot record the initial backfill of {table}"))
+                    })?
+            } else {
+                Vec::new()
+            };
             let report = replication::setup(&client, slot, publication, &tables).await?;
             println!(
                 "publication {publication}: {}; slot {slot}: {}",
@@ -547,10 +594,16 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool)
                 },
             );
             for table in &report.tables_with_rows {
-                println!(
-                    "note: {table} already has rows; only changes from now on are delivered \
-                     (backfill is not supported yet)"
-                );
+                if backfilled.contains(table) {
+                    println!(
+                        "note: {table} already has rows; the pipeline backfills them when it starts"
+                    );
+                } else {
+                    println!(
+                        "note: {table} already has rows; only changes from now on are delivered \
+                         (`pgstream-host backfill --table {table}` delivers the others)"
+                    );
+                }
             }
             Ok(())
         }
@@ -566,6 +619,8 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool)
                 assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
             let client = source.connect_sql().await?;
             let report = replication::teardown(&client, &slot, &publication).await?;
+            // A new slot of the same name starts a new stream: its backfills start afresh.
+            backfill::store::forget_slot(&client, &slot).await?;
             let outcome = |dropped: bool, what: &str, name: &str| {
                 if dropped {
                     format!("dropped {what} {name}")
@@ -578,6 +633,80 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool)
                 outcome(report.slot_dropped, "slot", &slot),
                 outcome(report.publication_dropped, "publication", &publication)
             );
+            Ok(())
+        }
+        PipelineCommand::Backfill {
+            where_clause,
+            status,
+            pause,
+            resume,
+            cancel,
+        } => {
+            let source =
+                assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
+            let client = source.connect_sql().await?;
+            let slot = spec.slot_name();
+            let only_table = match spec.tables.as_slice() {
+                [] => None,
+                [table] => Some(table),
+                _ if status || pause || resume || cancel => bail!(
+                    "--status, --pause, --resume and --cancel take one --table, or none for all"
+                ),
+                _ => None,
+            };
+            if status {
+                return print_backfills(&client, slot, only_table).await;
+            }
+            let change = if pause {
+                Some((
+                    &[BackfillState::Pending, BackfillState::Running][..],
+                    BackfillState::Paused,
+                ))
+            } else if resume {
+                Some((&[BackfillState::Paused][..], BackfillState::Running))
+            } else if cancel {
+                Some((
+                    &[
+                        BackfillState::Pending,
+                        BackfillState::Running,
+                        BackfillState::Paused,
+                    ][..],
+                    BackfillState::Cancelled,
+                ))
+            } else {
+                None
+            };
+            if let Some((from, to)) = change {
+                let changed =
+                    backfill::store::transition(&client, slot, only_table, from, to).await?;
+                if changed.is_empty() {
+                    bail!(
+                        "no backfill of slot {slot} to {}: `pgstream-host backfill --status` lists them",
+                        match to {
+                            BackfillState::Paused => "pause",
+                            BackfillState::Running => "resume",
+                            _ => "cancel",
+                        }
+                    );
+                }
+                for table in changed {
+                    println!("{table}: {to}");
+                }
+                return Ok(());
+            }
+            let (_, tables) = source_and_tables(&spec)?;
+            for table in &tables {
+                backfill::store::request(&client, slot, table, where_clause.as_deref(), false)
+                    .await?;
+                println!(
+                    "{table}: backfill requested for slot {slot}{}; a running pipeline starts it \
+                     within seconds, a stopped one when it starts",
+                    where_clause
+                        .as_deref()
+                        .map(|condition| format!(" (where {condition})"))
+                        .unwrap_or_default()
+                );
+            }
             Ok(())
         }
         PipelineCommand::Search { query, limit } => {
@@ -1047,6 +1176,10 @@ fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
     spec.outage_limit_secs = args.outage_limit_secs;
     spec.stop_at_lsn = args.stop_at_lsn;
     spec.progress_secs = args.progress_secs;
+    spec.backfill = match args.backfill_mode {
+        BackfillArg::Initial => BackfillMode::Initial,
+        BackfillArg::Skip => BackfillMode::Skip,
+    };
     Ok(spec)
 }
 
@@ -1058,6 +1191,57 @@ fn process_settings(args: &Args) -> ProcessSettings {
 }
 
 /// The source and tables of the maintenance commands, which need at least one table.
+/// `backfill --status`: one line per backfill of `slot`.
+async fn print_backfills(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    only_table: Option<&TableName>,
+) -> Result<()> {
+    let backfills = backfill::store::list(client, slot).await?;
+    let backfills: Vec<_> = backfills
+        .into_iter()
+        .filter(|backfill| only_table.is_none_or(|table| *table == backfill.table))
+        .collect();
+    if backfills.is_empty() {
+        println!("no backfill for slot {slot}");
+        return Ok(());
+    }
+    for backfill in backfills {
+        let total = backfill
+            .rows_total
+            .map_or("?".to_owned(), |total| total.to_string());
+        let percent = match backfill.rows_total {
+            Some(total) if total > 0 => {
+                format!(
+                    " ({:.0}%)",
+                    (backfill.rows_done as f64 / total as f64 * 100.0).min(100.0)
+                )
+            }
+            _ => String::new(),
+        };
+        let mut line = format!(
+            "{}: {} {}/{total} rows{percent}",
+            backfill.table, backfill.state, backfill.rows_done
+        );
+        if let Some(rate) = backfill.rows_per_sec() {
+            line.push_str(&format!(", {rate:.0} rows/s"));
+        }
+        if backfill.state == BackfillState::Running
+            && let Some(eta) = backfill.eta_secs()
+        {
+            line.push_str(&format!(", ETA {:.0}s", eta));
+        }
+        if let Some(condition) = &backfill.where_clause {
+            line.push_str(&format!(", where {condition}"));
+        }
+        if let Some(error) = &backfill.last_error {
+            line.push_str(&format!(", error: {error}"));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
 fn source_and_tables(spec: &PipelineSpec) -> Result<(SourceConfig, Vec<TableName>)> {
     if spec.tables.is_empty() {
         bail!("no table to watch: pass --table schema.table or set PGSTREAM_TABLES");

@@ -266,6 +266,9 @@ pub struct PipelineSpecOf<Source, Embedder, Sink> {
     /// Seconds between progress lines.
     #[serde(default = "default_progress_secs")]
     pub progress_secs: u64,
+    /// Whether the first start (a new slot) backfills the rows the tables already hold.
+    #[serde(default)]
+    pub backfill: crate::source::backfill::BackfillMode,
 }
 
 /// One problem with a spec: the setting and what is wrong with it.
@@ -304,6 +307,7 @@ impl<Source, Embedder, Sink> PipelineSpecOf<Source, Embedder, Sink> {
             outage_limit_secs: self.outage_limit_secs,
             stop_at_lsn: self.stop_at_lsn,
             progress_secs: self.progress_secs,
+            backfill: self.backfill,
         }
     }
 }
@@ -334,6 +338,7 @@ impl PipelineSpec {
             outage_limit_secs: default_outage_limit_secs(),
             stop_at_lsn: None,
             progress_secs: default_progress_secs(),
+            backfill: Default::default(),
         }
     }
 

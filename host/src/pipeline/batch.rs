@@ -95,6 +95,9 @@ impl BatchBuilder {
                     Step::Continue
                 }
             }
+            // Logical messages mean something to the source (backfill watermarks), never to
+            // the handler.
+            SourceItem::Message(_) => Step::Continue,
             // Confirming an idle position is what lets the slot advance while the watched
             // tables are quiet; it must wait while anything received is unhandled.
             SourceItem::Idle { position } => {

@@ -36,4 +36,5 @@ pub use setup::{
     TeardownReport, preflight, setup, slot_confirmed_flush_lsn, slot_wal, teardown,
     validate_publication_name, validate_slot_name,
 };
+pub(crate) use stream::quote_identifier;
 pub use stream::{ReplicationStream, StreamOptions, WalMessage};

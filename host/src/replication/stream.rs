@@ -81,6 +81,9 @@ pub struct StreamOptions {
     /// How many chunks may wait in the channel before the reader stops reading the socket.
     /// Default 16.
     pub channel_capacity: usize,
+    /// Ask pgoutput for logical decoding messages (`messages 'true'`, Postgres 14 and later),
+    /// which the backfill's watermarks are. Default off.
+    pub messages: bool,
 }
 
 impl Default for StreamOptions {
@@ -88,6 +91,7 @@ impl Default for StreamOptions {
         StreamOptions {
             status_interval: Duration::from_secs(10),
             channel_capacity: 16,
+            messages: false,
         }
     }
 }
@@ -126,7 +130,12 @@ impl ReplicationStream {
             None => options.status_interval,
         };
         connection
-            .start_copy_both(&start_replication_command(slot, publication, start))
+            .start_copy_both(&start_replication_command(
+                slot,
+                publication,
+                start,
+                options.messages,
+            ))
             .await?;
 
         let shared = Arc::new(Shared {
@@ -244,13 +253,15 @@ fn parse_postgres_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_millis(number.checked_mul(millis_per_unit)?))
 }
 
-/// `START_REPLICATION SLOT "slot" LOGICAL X/Y (proto_version '1', publication_names '"pub"')`.
-fn start_replication_command(slot: &str, publication: &str, start: Lsn) -> String {
+/// `START_REPLICATION SLOT "slot" LOGICAL X/Y (proto_version '1', publication_names '"pub"')`,
+/// with `, messages 'true'` when logical messages are wanted.
+fn start_replication_command(slot: &str, publication: &str, start: Lsn, messages: bool) -> String {
     format!(
-        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
+        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}{})",
         quote_identifier(slot),
         // publication_names is a list of identifiers inside a string literal.
         quote_literal(&quote_identifier(publication)),
+        if messages { ", messages 'true'" } else { "" },
     )
 }
 
@@ -815,8 +826,12 @@ mod tests {
     #[test]
     fn start_command_quotes_names() {
         assert_eq!(
-            start_replication_command("my\"slot", "Pub's", Lsn(0x16_B374_D848)),
+            start_replication_command("my\"slot", "Pub's", Lsn(0x16_B374_D848), false),
             "START_REPLICATION SLOT \"my\"\"slot\" LOGICAL 16/B374D848 (proto_version '1', publication_names '\"Pub''s\"')"
+        );
+        assert_eq!(
+            start_replication_command("s", "p", Lsn(1), true),
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/1 (proto_version '1', publication_names '\"p\"', messages 'true')"
         );
     }
 }

@@ -10,6 +10,7 @@
 //! - whatever a test scripts, so the pipeline's retry, reconnect and shutdown logic can be
 //!   driven in-process; and the place where a backfill merges existing rows into the stream.
 
+pub mod backfill;
 mod postgres;
 mod slot_guard;
 mod wal_events;
@@ -20,7 +21,7 @@ use crate::event::ChangeEvent;
 use crate::lsn::Lsn;
 use crate::replication::{PreflightError, ReplicationError};
 
-pub use postgres::PostgresSource;
+pub use postgres::{BackfillSettings, PostgresSource};
 pub use wal_events::{PROTOCOL_VERSION, WalEventError, WalEvents};
 
 /// One thing a source has to say, in stream order.
@@ -42,6 +43,25 @@ pub enum SourceItem {
         /// The position the source has seen all of.
         position: Lsn,
     },
+    /// A transactional logical message (`pg_logical_emit_message(true, ...)`) of the
+    /// transaction being received. The backfill's watermarks are such messages; they are
+    /// consumed below the pipeline, which ignores any that reach it.
+    Message(LogicalMessage),
+}
+
+/// A transactional logical decoding message, with the transaction it was committed in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogicalMessage {
+    /// The prefix the emitter chose.
+    pub prefix: String,
+    /// The content, a slice of the replication frame.
+    pub content: bytes::Bytes,
+    /// Commit LSN of the transaction that emitted it.
+    pub commit_lsn: Lsn,
+    /// Commit time of that transaction, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    /// Its transaction id.
+    pub xid: u32,
 }
 
 /// Why a source failed.
@@ -73,6 +93,15 @@ pub enum SourceError {
         /// The slot's name.
         slot: String,
     },
+    /// The initial backfill could not be recorded or cannot run on this server.
+    #[error("cannot prepare the initial backfill of {table}")]
+    Backfill {
+        /// The table.
+        table: crate::replication::TableName,
+        /// Why.
+        #[source]
+        source: backfill::BackfillError,
+    },
 }
 
 // Boxed: a replication error is large and every source result would carry its size.
@@ -88,9 +117,10 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Replication(error) => error.is_retryable(),
-            SourceError::Preflight(_) | SourceError::Events(_) | SourceError::SlotLost { .. } => {
-                false
-            }
+            SourceError::Preflight(_)
+            | SourceError::Events(_)
+            | SourceError::SlotLost { .. }
+            | SourceError::Backfill { .. } => false,
         }
     }
 }

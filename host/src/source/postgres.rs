@@ -4,13 +4,16 @@
 //! `prepare` runs the preflight checks, creates the publication and slot when missing and
 //! reads the watched tables' primary keys; each `start` opens a new replication session from
 //! the given position; `recv` turns each chunk the socket delivered into items with
-//! [`WalEvents`].
+//! [`WalEvents`], then through the [`BackfillMerge`], which adds the rows the backfill
+//! reader reads (see [`backfill`](super::backfill)).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tracing::{info, warn};
 
+use super::backfill::{self, BackfillMerge, BackfillMode, BackfillReader, ReaderSettings};
 use super::slot_guard::SlotGuard;
 use super::{ChangeSource, SourceError, SourceItem, WalEvents};
 use crate::lsn::Lsn;
@@ -34,6 +37,31 @@ pub struct PostgresSource {
     guard: Option<SlotGuard>,
     /// Where the guard's readings go.
     status: Option<StatusHandle>,
+    backfill: BackfillSettings,
+    /// Whether the server can send logical messages (Postgres 14+), which backfill needs.
+    messages_supported: bool,
+    merge: BackfillMerge,
+    /// The reader's end of the merge's channel, until the reader starts.
+    control: Option<tokio::sync::mpsc::UnboundedSender<backfill::ChunkMessage>>,
+    reader: Option<BackfillReader>,
+}
+
+/// How a [`PostgresSource`] backfills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackfillSettings {
+    /// Whether a first start backfills the tables that have rows.
+    pub mode: BackfillMode,
+    /// How often a running backfill logs its progress.
+    pub progress_interval: Duration,
+}
+
+impl Default for BackfillSettings {
+    fn default() -> Self {
+        BackfillSettings {
+            mode: BackfillMode::Initial,
+            progress_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 impl PostgresSource {
@@ -47,7 +75,13 @@ impl PostgresSource {
         publication: &str,
         options: StreamOptions,
     ) -> PostgresSource {
+        let (control, receiver) = tokio::sync::mpsc::unbounded_channel();
         PostgresSource {
+            backfill: BackfillSettings::default(),
+            messages_supported: false,
+            merge: BackfillMerge::new(slot, receiver),
+            control: Some(control),
+            reader: None,
             pipeline: pipeline.to_owned(),
             config,
             tables,
@@ -60,6 +94,12 @@ impl PostgresSource {
             status: None,
         }
     }
+
+    /// Sets how the source backfills (by default: initial, progress every 5 s).
+    pub fn with_backfill(mut self, backfill: BackfillSettings) -> PostgresSource {
+        self.backfill = backfill;
+        self
+    }
 }
 
 #[async_trait]
@@ -71,17 +111,42 @@ impl ChangeSource for PostgresSource {
     async fn prepare(&mut self) -> Result<Lsn, SourceError> {
         let client = self.config.connect_sql().await?;
         replication::preflight(&client, &self.tables).await?;
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .map_err(ReplicationError::Sql)?
+            .get(0);
+        self.messages_supported = version >= 140_000;
+        // The initial backfill is recorded before the slot is made, so a crash in between
+        // cannot leave a new slot whose older rows nobody reads.
+        let slot_exists = replication::slot_wal(&client, &self.slot).await?.is_some();
+        let initial = !slot_exists && self.backfill.mode == BackfillMode::Initial;
+        let backfilled = if initial {
+            backfill::register_initial(&client, &self.slot, &self.tables)
+                .await
+                .map_err(|(table, source)| SourceError::Backfill { table, source })?
+        } else {
+            Vec::new()
+        };
         let report =
             replication::setup(&client, &self.slot, &self.publication, &self.tables).await?;
         if report.slot_created {
             info!(pipeline = %self.pipeline, slot = %self.slot, "created replication slot");
         }
         for table in &report.tables_with_rows {
-            warn!(
-                pipeline = %self.pipeline,
-                "table {table} already has rows; rows that existed before the slot was created \
-                 are not delivered (backfill is not supported yet), only changes from now on"
-            );
+            if backfilled.contains(table) {
+                info!(
+                    pipeline = %self.pipeline,
+                    "table {table} already has rows; they are backfilled, then live changes follow"
+                );
+            } else {
+                warn!(
+                    pipeline = %self.pipeline,
+                    "table {table} already has rows; with --backfill skip only changes from now \
+                     on are delivered (run `pgstream-host backfill --table {table}` to deliver \
+                     the others)"
+                );
+            }
         }
         let primary_keys = primary_keys(&client, &self.tables).await?;
         self.events = WalEvents::new(primary_keys);
@@ -105,14 +170,14 @@ impl ChangeSource for PostgresSource {
         // A session that ended badly is dropped without ceremony; the new one replays.
         self.stream = None;
         self.events.reset();
-        let started = ReplicationStream::start(
-            &self.config,
-            &self.slot,
-            &self.publication,
-            from,
-            self.options.clone(),
-        )
-        .await;
+        self.merge.reset();
+        let options = StreamOptions {
+            messages: self.messages_supported,
+            ..self.options.clone()
+        };
+        let started =
+            ReplicationStream::start(&self.config, &self.slot, &self.publication, from, options)
+                .await;
         let stream = match started {
             Ok(stream) => stream,
             Err(error) if !error.is_retryable() && self.slot_is_lost().await => {
@@ -123,6 +188,17 @@ impl ChangeSource for PostgresSource {
             Err(error) => return Err(error.into()),
         };
         self.stream = Some(stream);
+        if let Some(control) = self.control.take() {
+            let settings = ReaderSettings {
+                pipeline: self.pipeline.clone(),
+                config: self.config.clone(),
+                slot: self.slot.clone(),
+                publication: self.publication.clone(),
+                tables: self.tables.clone(),
+                progress_interval: self.backfill.progress_interval,
+            };
+            self.reader = Some(BackfillReader::start(settings, control));
+        }
         if self.guard.is_none() {
             self.guard = Some(SlotGuard::start(
                 &self.pipeline,
@@ -159,6 +235,11 @@ impl ChangeSource for PostgresSource {
                     WalMessage::KeepAlive { wal_end } => self.events.keepalive(wal_end, items),
                 }
             }
+            // Without a backfill in flight the items go on as decoded, with no extra pass.
+            if self.merge.wants(&items[before..]) {
+                let mut decoded = items.split_off(before);
+                self.merge.process(&mut decoded, items);
+            }
             // A chunk of Begin and Relation messages only says nothing yet.
             if items.len() > before {
                 return Ok(());
@@ -170,6 +251,7 @@ impl ChangeSource for PostgresSource {
         if let Some(stream) = &self.stream {
             stream.confirm(lsn);
         }
+        self.merge.confirm(lsn);
     }
 
     fn report_to(&mut self, status: &StatusHandle) {
@@ -178,6 +260,7 @@ impl ChangeSource for PostgresSource {
 
     async fn stop(&mut self) {
         self.guard = None;
+        self.reader = None;
         if let Some(stream) = self.stream.take() {
             stream.shutdown().await.ok();
         }

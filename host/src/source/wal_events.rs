@@ -157,6 +157,20 @@ impl WalEvents {
                     items.push(SourceItem::Change(event));
                 }
             }
+            // Only transactional messages have a place in the commit order; a
+            // non-transactional one is decoded when written, outside any transaction.
+            LogicalMessage::Message(body) if body.transactional => {
+                let open = self
+                    .open
+                    .ok_or(WalEventError::OutsideTransaction("transactional Message"))?;
+                items.push(SourceItem::Message(super::LogicalMessage {
+                    prefix: body.prefix,
+                    content: body.content,
+                    commit_lsn: open.commit_lsn,
+                    commit_time_us: open.commit_time_us,
+                    xid: open.xid,
+                }));
+            }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
             LogicalMessage::StreamStart(_) => {
                 return Err(WalEventError::Unexpected("Stream Start"));

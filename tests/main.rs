@@ -4,6 +4,7 @@
 //! Run with `make test`, which installs Postgres and the model, builds the guests and the host,
 //! and exports the paths the harness reads.
 
+mod backfill;
 mod cli;
 mod embed_cache;
 mod faults;

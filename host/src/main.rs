@@ -696,6 +696,9 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool)
             }
             let (_, tables) = source_and_tables(&spec)?;
             for table in &tables {
+                backfill::check_backfillable(&client, table, spec.publication_name()).await?;
+            }
+            for table in &tables {
                 backfill::store::request(&client, slot, table, where_clause.as_deref(), false)
                     .await?;
                 println!(

@@ -337,6 +337,7 @@ fn fast_status() -> StreamOptions {
     StreamOptions {
         status_interval: Duration::from_millis(500),
         channel_capacity: 16,
+        ..StreamOptions::default()
     }
 }
 
@@ -557,6 +558,7 @@ async fn stalled_consumer_keeps_the_connection_alive() -> Result<()> {
     let options = StreamOptions {
         status_interval: Duration::from_millis(500),
         channel_capacity: 1,
+        ..StreamOptions::default()
     };
     let mut stream =
         ReplicationStream::start(&source, "stalled_slot", "stalled_pub", Lsn::ZERO, options)

@@ -17,7 +17,10 @@ pub use merge::{
     BackfillMerge, ChunkMessage, ChunkOutcome, ChunkRows, MAX_HELD_ITEMS, Mark, WATERMARK_PREFIX,
     Watermark,
 };
-pub use reader::{BackfillError, BackfillReader, MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, ReaderSettings};
+pub use reader::{
+    BackfillError, BackfillReader, MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, ReaderSettings,
+    check_backfillable,
+};
 pub use store::{BackfillState, BackfillStatus, StoreError};
 
 /// Whether a pipeline's first start backfills the tables that already have rows.

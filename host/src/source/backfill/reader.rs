@@ -37,6 +37,10 @@ pub const MIN_CHUNK_ROWS: usize = 1_000;
 pub const MAX_CHUNK_ROWS: usize = 40_000;
 /// The time a chunk's read should take; the size is adjusted toward it.
 const TARGET_CHUNK_TIME: Duration = Duration::from_millis(500);
+/// The time from a chunk's read to its confirmation (the pipeline handling its rows) that
+/// the size is also kept under, so a pause or cancel takes effect within seconds and a
+/// slow handler (an embedder) does not get chunks of minutes.
+const TARGET_CHUNK_CYCLE: Duration = Duration::from_secs(3);
 /// How often the reader looks for requested backfills while it has none.
 const IDLE_POLL: Duration = Duration::from_secs(2);
 /// How often a paused backfill, or one waiting for WAL room, looks again.
@@ -260,6 +264,8 @@ impl Reader {
                 "backfill resumed from its last confirmed chunk"
             );
         }
+        // Each table starts small: its rows may be much larger or smaller than the last one's.
+        self.chunk_rows = MIN_CHUNK_ROWS;
         let max_key = backfill.max_key.clone().unwrap_or_default();
         let mut cursor = backfill.cursor_key.clone();
         let mut rows_done = backfill.rows_done;
@@ -300,6 +306,7 @@ impl Reader {
                 }
             };
             let read_time = read_started.elapsed();
+            let cycle_started = Instant::now();
             let Some(rows) = rows else {
                 // The table had nothing left in range: done with this chunk's confirmation.
                 match confirmed.await {
@@ -329,7 +336,7 @@ impl Reader {
                     let client = self.client().await?;
                     store::advance(client, slot, table, &last_key, count as i64, finished).await?;
                     cursor = Some(last_key);
-                    self.chunk_rows = next_chunk_size(limit, read_time);
+                    self.chunk_rows = next_chunk_size(limit, read_time, cycle_started.elapsed());
                 }
                 Err(_) => {
                     // Not delivered (the stream restarted, or too much happened in the window):
@@ -411,6 +418,9 @@ impl Reader {
                 .collect();
             (rows.len(), key)
         });
+        if let Some(delay) = window_delay() {
+            tokio::time::sleep(delay).await;
+        }
         let (confirmed, receiver) = oneshot::channel();
         let _ = control.send(ChunkMessage::Rows {
             chunk,
@@ -491,6 +501,35 @@ enum Runnable {
     Stop(BackfillState),
 }
 
+/// Checks that `table` can be backfilled (it exists and has a key to page by), so a request
+/// is refused at once rather than failing in the pipeline later.
+pub async fn check_backfillable(
+    client: &Client,
+    table: &TableName,
+    publication: &str,
+) -> Result<(), BackfillError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0);
+    if version < 140_000 {
+        return Err(BackfillError::ServerTooOld { version });
+    }
+    describe(client, table, publication, version)
+        .await
+        .map(|_| ())
+}
+
+/// Test hook: `PGSTREAM_BACKFILL_WINDOW_DELAY_MS` holds each chunk's window open that long
+/// after its rows were read, so an end-to-end test can commit a change inside the window.
+fn window_delay() -> Option<Duration> {
+    std::env::var("PGSTREAM_BACKFILL_WINDOW_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
 /// Retained WAL as a share of what the slot may retain, when that is limited.
 fn budget_share(wal: &replication::SlotWal) -> Option<f64> {
     let (retained, safe) = (wal.retained_bytes?, wal.safe_wal_size?);
@@ -504,9 +543,13 @@ fn rand_chunk_base() -> u64 {
     fastrand::u64(..) >> 8
 }
 
-fn next_chunk_size(size: usize, took: Duration) -> usize {
-    let took = took.as_secs_f64().max(1e-3);
-    let scaled = (size as f64 * TARGET_CHUNK_TIME.as_secs_f64() / took) as usize;
+/// The next chunk's size after one of `size` rows took `read` to read and `cycle` more to be
+/// handled and confirmed: toward both targets, by at most a factor of two either way.
+fn next_chunk_size(size: usize, read: Duration, cycle: Duration) -> usize {
+    let scale = |target: Duration, took: Duration| {
+        size as f64 * target.as_secs_f64() / took.as_secs_f64().max(1e-3)
+    };
+    let scaled = scale(TARGET_CHUNK_TIME, read).min(scale(TARGET_CHUNK_CYCLE, cycle)) as usize;
     scaled
         .clamp(size / 2, size * 2)
         .clamp(MIN_CHUNK_ROWS, MAX_CHUNK_ROWS)
@@ -775,16 +818,23 @@ mod tests {
 
     #[test]
     fn chunk_size_moves_toward_the_target_time_within_bounds() {
-        assert_eq!(next_chunk_size(1_000, Duration::from_millis(100)), 2_000);
-        assert_eq!(next_chunk_size(10_000, Duration::from_millis(2_000)), 5_000);
+        let quick = Duration::from_millis(10);
         assert_eq!(
-            next_chunk_size(40_000, Duration::from_millis(10)),
-            MAX_CHUNK_ROWS
+            next_chunk_size(1_000, Duration::from_millis(100), quick),
+            2_000
         );
         assert_eq!(
-            next_chunk_size(1_000, Duration::from_secs(5)),
+            next_chunk_size(10_000, Duration::from_secs(2), quick),
+            5_000
+        );
+        assert_eq!(next_chunk_size(40_000, quick, quick), MAX_CHUNK_ROWS);
+        assert_eq!(
+            next_chunk_size(1_000, Duration::from_secs(5), quick),
             MIN_CHUNK_ROWS
         );
+        // A slow handler keeps chunks to what it gets through in a few seconds.
+        assert_eq!(next_chunk_size(8_000, quick, Duration::from_secs(6)), 4_000);
+        assert_eq!(next_chunk_size(8_000, quick, Duration::from_secs(3)), 8_000);
     }
 
     #[test]

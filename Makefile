@@ -144,6 +144,8 @@ demo: $(VENV_STAMP) wasm-target
 #   decoder    the pgoutput decoder alone (criterion)
 #   instances  handler instances with wasmtime's on-demand and pooling allocators
 #   reload     the swap latency of a hot reload under load, against a restart
+#   backfill   existing rows delivered by a backfill, against COPY (no-op handler) and against
+#              the raw embedder (MiniLM into pgvector); peak RSS on two table sizes
 # `cargo bench` builds into the release profile, where the benches look for the host binary.
 BENCH_ENV = PGSTREAM_PLUGIN_DIR=$(WASM_DIR) PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN)
 
@@ -154,6 +156,7 @@ bench: setup guests guests-js-starlingmonkey
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench languages
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench multi_tenant
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench reload
+	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench backfill
 	cargo bench -p pgstream-host --bench decoder
 	$(BENCH_ENV) cargo bench -p pgstream-host --bench instances
 

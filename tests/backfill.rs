@@ -538,3 +538,50 @@ async fn a_table_without_a_key_is_refused(version: PgVersion) {
     );
     host.terminate(Duration::from_secs(30)).await.unwrap();
 }
+
+/// Re-embedding by backfill: with `--embed-cache`, a second backfill of unchanged rows sends
+/// the embedding server nothing, and still re-delivers every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_backfill_with_the_embed_cache_asks_the_model_nothing() {
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    docs_with_rows(&db, 500).await;
+    let server = OpenAiServer::start().await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("points.jsonl");
+    let cache = out.path().join("embeddings.redb");
+    let slot = db.unique_name("pgstream");
+    let pipeline = with_jsonl(embedding_pipeline(&db, &server, 100_000), &sink)
+        .with_slot(&slot)
+        .with_args(&["--embed-cache".to_owned(), cache.display().to_string()]);
+    let mut host = pipeline.start();
+    wait_for_state(&db, &slot, "done", &host).await;
+    assert_eq!(
+        server.input_count(),
+        500,
+        "the first backfill embeds every row"
+    );
+    server.clear();
+
+    let requested = backfill_cli(&pipeline, &[]).await;
+    assert!(requested.status.success(), "{requested:?}");
+    wait_until(LONG_WAIT, || async {
+        host.log().matches("backfill done").count() == 2
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error}\n{}", host.log()));
+    wait_until(LONG_WAIT, || async {
+        jsonl(&sink)
+            .iter()
+            .filter(|line| line["op"] == "upsert")
+            .count()
+            == 1_000
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error}\n{}", host.log()));
+    assert_eq!(
+        server.input_count(),
+        0,
+        "cached texts cost no model request"
+    );
+    host.terminate(Duration::from_secs(30)).await.unwrap();
+}

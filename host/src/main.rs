@@ -23,6 +23,7 @@ use pgstream_host::reload::FileWatcher;
 use pgstream_host::replication::{self, SourceConfig, TableName};
 use pgstream_host::scaffold::{self, Language};
 use pgstream_host::sink::QDRANT_API_KEY_VAR;
+use pgstream_host::source::backfill::progress::{BackfillBars, BarsAwareStderr};
 use pgstream_host::source::backfill::{self, BackfillMode, BackfillState};
 use pgstream_host::supervisor::{
     Command as SupervisorCommand, PipelineFailure, RestartPolicy, Supervisor,
@@ -487,7 +488,9 @@ fn default_threads() -> usize {
 // every core and not wait for each other's guests: it gets the multi-threaded runtime.
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Backfill progress bars share stderr with the log; drawn only at a terminal.
+    let bars = indicatif::MultiProgress::new();
+    init_logging(cli.log_format, &bars);
     let runtime = match cli.command {
         Some(Command::Serve(_)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -503,7 +506,7 @@ fn main() {
             std::process::exit(1)
         }
     };
-    let code = match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli, bars)) {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -518,23 +521,23 @@ fn main() {
 }
 
 /// Logs to stderr, filtered by `PGSTREAM_LOG` (else `RUST_LOG`), in `format`.
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, bars: &indicatif::MultiProgress) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSTREAM_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         // Server NOTICEs ("already exists, skipping") are noise for an operator.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         // Colour codes only for a person at a terminal: log files and collectors get plain
         // text (and NO_COLOR is honoured, https://no-color.org).
         LogFormat::Text => builder
+            .with_writer(BarsAwareStderr::new(bars.clone()))
             .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .init(),
         // Fields at the top level beside `timestamp`, `level`, `target` and `message`, so a
         // collector can index `pipeline`, `slot` and `confirmed` without unnesting.
         LogFormat::Json => builder
+            .with_writer(std::io::stderr)
             .json()
             .flatten_event(true)
             .with_current_span(false)
@@ -543,7 +546,10 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, bars: indicatif::MultiProgress) -> Result<()> {
+    // Bars only for a person reading text at a terminal; a collector gets the progress lines.
+    let bars =
+        (std::io::stderr().is_terminal() && cli.log_format == LogFormat::Text).then_some(bars);
     match cli.command {
         Some(Command::New { lang, name }) => new_project(lang.into(), &name),
         Some(Command::Validate(config)) => validate(&config.config).await,
@@ -552,14 +558,19 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Some(Command::Status(config)) => status(&config.config).await,
         Some(Command::Pipeline(command)) => {
-            run_pipeline_command(command, cli.args, cli.watch).await
+            run_pipeline_command(command, cli.args, cli.watch, bars).await
         }
-        None => run_pipeline_command(PipelineCommand::Run, cli.args, cli.watch).await,
+        None => run_pipeline_command(PipelineCommand::Run, cli.args, cli.watch, bars).await,
     }
 }
 
 /// The commands that work on a source database and its pipeline.
-async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool) -> Result<()> {
+async fn run_pipeline_command(
+    command: PipelineCommand,
+    args: Args,
+    watch: bool,
+    bars: Option<indicatif::MultiProgress>,
+) -> Result<()> {
     let spec = pipeline_spec(&args)?;
     let (slot, publication) = slot_and_publication(&args)?;
     match command {
@@ -736,6 +747,18 @@ async fn run_pipeline_command(command: PipelineCommand, args: Args, watch: bool)
             let shared = Arc::new(SharedResources::new(&settings).map_err(cli_error)?);
             let (commands, receiver) = mpsc::unbounded_channel();
             let plugin = spec.plugin.clone();
+            let _bars = match bars {
+                Some(bars) => {
+                    let source = assembly::parse_dsn("source.dsn", spec.source.dsn.expose())
+                        .map_err(cli_error)?;
+                    Some(BackfillBars::start(
+                        bars,
+                        source,
+                        spec.slot_name().to_owned(),
+                    ))
+                }
+                None => None,
+            };
             let supervisor = Supervisor::new(shared.clone(), vec![spec], RestartPolicy::never())
                 .with_commands(receiver);
             let _endpoint = serve_metrics(&settings, &shared).await?;

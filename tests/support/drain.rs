@@ -223,7 +223,7 @@ pub fn bench_scale() -> Result<i64> {
 }
 
 /// `VmHWM:  12345 kB` from `/proc/<pid>/status`.
-fn vm_hwm_kib(status: &str) -> Option<u64> {
+pub fn vm_hwm_kib(status: &str) -> Option<u64> {
     status_kib(status, "VmHWM:")
 }
 

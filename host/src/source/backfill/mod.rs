@@ -5,10 +5,12 @@
 //!   `backfill` command reads and changes, and where a restarted host resumes);
 //! - [`BackfillReader`]: reads chunks by key between watermarks;
 //! - [`BackfillMerge`]: puts each chunk's rows into the stream at its high watermark, minus
-//!   the rows live changes superseded.
+//!   the rows live changes superseded;
+//! - [`progress`]: bars for a person at a terminal.
 
 mod copy_text;
 mod merge;
+pub mod progress;
 mod reader;
 pub mod store;
 

@@ -378,7 +378,7 @@ impl Reader {
         let secs = started.elapsed().as_secs_f64();
         info!(
             pipeline = %self.settings.pipeline, table = %table, rows_done,
-            secs = (secs * 10.0).round() / 10.0,
+            secs = (secs * 1000.0).round() / 1000.0,
             rows_per_sec = ((rows_done - done_at_start) as f64 / secs.max(1e-3)).round() as i64,
             "backfill done"
         );

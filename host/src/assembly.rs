@@ -204,7 +204,7 @@ pub async fn assemble_with_fallback(
         StreamOptions::default(),
     )
     .with_backfill(BackfillSettings {
-        mode: spec.backfill,
+        initial: spec.initial_backfill_tables(),
         progress_interval: Duration::from_secs(spec.progress_secs.max(1)),
     });
     let plugin = match load_plugin(shared, &spec.plugin).await {

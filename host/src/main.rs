@@ -580,8 +580,8 @@ async fn run_pipeline_command(
             replication::preflight(&client, &tables).await?;
             let (slot, publication) = (spec.slot_name(), spec.publication_name());
             let slot_exists = replication::slot_wal(&client, slot).await?.is_some();
-            let backfilled = if !slot_exists && spec.backfill == BackfillMode::Initial {
-                backfill::register_initial(&client, slot, &tables)
+            let backfilled = if !slot_exists {
+                backfill::register_initial(&client, slot, &spec.initial_backfill_tables())
                     .await
                     .map_err(|(table, error)| {
                         anyhow::Error::new(error)

@@ -433,6 +433,36 @@ collection = "tenant_b.embeddings"
     }
 
     #[test]
+    fn backfill_is_set_per_pipeline_and_per_table() {
+        let text = TWO_TENANTS.replace(
+            "tables = [\"tenant_a.documents\"]",
+            "tables = [\"tenant_a.documents\", \"tenant_a.audit\"]\nbackfill_tables = { \"tenant_a.audit\" = \"skip\" }",
+        ).replace(
+            "tables = [\"tenant_b.documents\"]",
+            "tables = [\"tenant_b.documents\"]\nbackfill = \"skip\"",
+        );
+        let file = parse(&text).unwrap();
+        let names = |spec: &crate::config::PipelineSpec| -> Vec<String> {
+            spec.initial_backfill_tables()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(names(&file.pipelines[0]), ["tenant_a.documents"]);
+        assert!(names(&file.pipelines[1]).is_empty());
+
+        let text = TWO_TENANTS.replace(
+            "tables = [\"tenant_b.documents\"]",
+            "tables = [\"tenant_b.documents\"]\nbackfill_tables = { \"tenant_b.other\" = \"skip\" }",
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(
+            error.contains("backfill_tables") && error.contains("tenant_b.other is not one of"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn an_unknown_key_is_named_with_its_line_and_no_secret_is_quoted() {
         let text = TWO_TENANTS.replace("batch_size = 200", "batch_sise = 200");
         let error = parse(&text).unwrap_err();

@@ -269,6 +269,10 @@ pub struct PipelineSpecOf<Source, Embedder, Sink> {
     /// Whether the first start (a new slot) backfills the rows the tables already hold.
     #[serde(default)]
     pub backfill: crate::source::backfill::BackfillMode,
+    /// Per-table exceptions to `backfill` (`"public.audit_log" = "skip"`).
+    #[serde(default)]
+    pub backfill_tables:
+        std::collections::BTreeMap<TableName, crate::source::backfill::BackfillMode>,
 }
 
 /// One problem with a spec: the setting and what is wrong with it.
@@ -308,6 +312,7 @@ impl<Source, Embedder, Sink> PipelineSpecOf<Source, Embedder, Sink> {
             stop_at_lsn: self.stop_at_lsn,
             progress_secs: self.progress_secs,
             backfill: self.backfill,
+            backfill_tables: self.backfill_tables,
         }
     }
 }
@@ -339,6 +344,7 @@ impl PipelineSpec {
             stop_at_lsn: None,
             progress_secs: default_progress_secs(),
             backfill: Default::default(),
+            backfill_tables: Default::default(),
         }
     }
 
@@ -401,6 +407,22 @@ impl PipelineSpec {
         })
     }
 
+    /// The tables a first start backfills: `backfill`, or the table's own entry in
+    /// `backfill_tables`, is `initial`.
+    pub fn initial_backfill_tables(&self) -> Vec<TableName> {
+        self.tables
+            .iter()
+            .filter(|table| {
+                self.backfill_tables
+                    .get(*table)
+                    .copied()
+                    .unwrap_or(self.backfill)
+                    == crate::source::backfill::BackfillMode::Initial
+            })
+            .cloned()
+            .collect()
+    }
+
     fn first_table(&self) -> Result<&TableName, SpecProblem> {
         self.tables.first().ok_or_else(|| SpecProblem {
             setting: "tables",
@@ -422,6 +444,16 @@ impl PipelineSpec {
                 "tables",
                 "no table to watch; name at least one `schema.table`".into(),
             );
+        }
+        for table in self.backfill_tables.keys() {
+            if !self.tables.contains(table) {
+                problem(
+                    "backfill_tables",
+                    format!(
+                        "{table} is not one of the pipeline's tables; add it to `tables` or remove it here"
+                    ),
+                );
+            }
         }
         if let Err(error) = validate_slot_name(self.slot_name()) {
             problem(

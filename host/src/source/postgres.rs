@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tracing::{info, warn};
 
-use super::backfill::{self, BackfillMerge, BackfillMode, BackfillReader, ReaderSettings};
+use super::backfill::{self, BackfillMerge, BackfillReader, ReaderSettings};
 use super::slot_guard::SlotGuard;
 use super::{ChangeSource, SourceError, SourceItem, WalEvents};
 use crate::lsn::Lsn;
@@ -47,10 +47,10 @@ pub struct PostgresSource {
 }
 
 /// How a [`PostgresSource`] backfills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackfillSettings {
-    /// Whether a first start backfills the tables that have rows.
-    pub mode: BackfillMode,
+    /// The tables a first start (a new slot) backfills, when they have rows.
+    pub initial: Vec<TableName>,
     /// How often a running backfill logs its progress.
     pub progress_interval: Duration,
 }
@@ -58,7 +58,7 @@ pub struct BackfillSettings {
 impl Default for BackfillSettings {
     fn default() -> Self {
         BackfillSettings {
-            mode: BackfillMode::Initial,
+            initial: Vec::new(),
             progress_interval: Duration::from_secs(5),
         }
     }
@@ -95,7 +95,7 @@ impl PostgresSource {
         }
     }
 
-    /// Sets how the source backfills (by default: initial, progress every 5 s).
+    /// Sets how the source backfills (by default: no initial backfill, progress every 5 s).
     pub fn with_backfill(mut self, backfill: BackfillSettings) -> PostgresSource {
         self.backfill = backfill;
         self
@@ -120,9 +120,8 @@ impl ChangeSource for PostgresSource {
         // The initial backfill is recorded before the slot is made, so a crash in between
         // cannot leave a new slot whose older rows nobody reads.
         let slot_exists = replication::slot_wal(&client, &self.slot).await?.is_some();
-        let initial = !slot_exists && self.backfill.mode == BackfillMode::Initial;
-        let backfilled = if initial {
-            backfill::register_initial(&client, &self.slot, &self.tables)
+        let backfilled = if !slot_exists {
+            backfill::register_initial(&client, &self.slot, &self.backfill.initial)
                 .await
                 .map_err(|(table, source)| SourceError::Backfill { table, source })?
         } else {

@@ -180,9 +180,13 @@ async fn sighup_swaps_the_plugin_between_batches_under_load_and_rejects_a_broken
     stop_writes.send(true).unwrap();
     let (upserted, deleted) = writer.await.unwrap();
 
-    // Everything arrives, once: as many upsert lines as inserts and updates were made.
+    // Everything arrives, once: as many upsert lines as inserts and updates were made, and as
+    // many delete lines as deletes (the handler writes a batch's deletes after its upserts, so
+    // the upserts alone being there does not mean the last delete is).
     wait_until(Duration::from_secs(60), || async {
-        upserts(&sink).len() as u64 >= upserted
+        let lines = jsonl(&sink);
+        let deletes = lines.iter().filter(|line| line["op"] == "delete").count() as u64;
+        upserts(&sink).len() as u64 >= upserted && deletes >= deleted
     })
     .await
     .unwrap_or_else(|error| panic!("the sink catches up: {error}\n{}", host.log()));

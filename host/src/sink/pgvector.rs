@@ -126,9 +126,10 @@ impl PgVectorSink {
             .await
             .map_err(classify)?;
         if updated != points.len() as u64 {
-            // Typically a row that existed before the slot (no backfill yet) whose update did
-            // not resend its TOASTed text: there is no vector to keep and none to make, and
-            // stopping the pipeline over it would help nobody.
+            // Typically a row that existed before the slot (not reached by the backfill yet,
+            // or with --backfill skip) whose update did not resend its TOASTed text: there is
+            // no vector to keep and none to make, and stopping the pipeline over it would help
+            // nobody.
             tracing::warn!(
                 table = %self.qualified,
                 skipped = points.len() as u64 - updated,

@@ -111,12 +111,10 @@ impl ChangeSource for PostgresSource {
     async fn prepare(&mut self) -> Result<Lsn, SourceError> {
         let client = self.config.connect_sql().await?;
         replication::preflight(&client, &self.tables).await?;
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        let version = backfill::server_version(&client)
             .await
-            .map_err(ReplicationError::Sql)?
-            .get(0);
-        self.messages_supported = version >= 140_000;
+            .map_err(ReplicationError::Sql)?;
+        self.messages_supported = version >= backfill::MIN_SERVER_VERSION;
         // The initial backfill is recorded before the slot is made, so a crash in between
         // cannot leave a new slot whose older rows nobody reads.
         let slot_exists = replication::slot_wal(&client, &self.slot).await?.is_some();

@@ -46,6 +46,7 @@ pub async fn register_initial(
     tables: &[crate::replication::TableName],
 ) -> Result<Vec<crate::replication::TableName>, (crate::replication::TableName, BackfillError)> {
     let mut registered = Vec::new();
+    let mut checked_version = false;
     for table in tables {
         let failed = |error: BackfillError| (table.clone(), error);
         let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", table.quoted());
@@ -57,13 +58,9 @@ pub async fn register_initial(
         if !has_rows {
             continue;
         }
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
-            .await
-            .map_err(|error| failed(error.into()))?
-            .get(0);
-        if version < 140_000 {
-            return Err(failed(BackfillError::ServerTooOld { version }));
+        if !checked_version {
+            require_watermarks(client).await.map_err(failed)?;
+            checked_version = true;
         }
         store::request(client, slot, table, None, true)
             .await
@@ -72,3 +69,26 @@ pub async fn register_initial(
     }
     Ok(registered)
 }
+
+/// `server_version_num` of the server `client` is connected to (140000 for 14.0).
+pub async fn server_version(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0))
+}
+
+/// The server's version, when it can carry the backfill's watermarks (logical messages in
+/// pgoutput: Postgres 14 and later); else [`BackfillError::ServerTooOld`].
+pub(crate) async fn require_watermarks(
+    client: &tokio_postgres::Client,
+) -> Result<i32, BackfillError> {
+    let version = server_version(client).await?;
+    if version < MIN_SERVER_VERSION {
+        return Err(BackfillError::ServerTooOld { version });
+    }
+    Ok(version)
+}
+
+/// The first `server_version_num` whose pgoutput sends logical messages.
+pub const MIN_SERVER_VERSION: i32 = 140_000;

@@ -95,20 +95,19 @@ async fn draw(bars: MultiProgress, source: SourceConfig, slot: String) {
                 Some(bar) => bar,
                 // Backfills that ended before this process started are not news.
                 None if !backfill.state.is_active() => continue,
-                None => {
-                    let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
-                    bar.set_prefix(format!("backfill {}", backfill.table));
-                    shown.entry(backfill.table.clone()).or_insert(bar)
-                }
+                None => shown
+                    .entry(backfill.table.clone())
+                    .or_insert_with(|| new_bar(&bars, &style, &backfill.table)),
             };
             if bar.is_finished() {
                 if !backfill.state.is_active() {
                     continue;
                 }
                 // Requested again: a new bar, the old one stays as it ended.
-                let fresh = bars.add(ProgressBar::new(0).with_style(style.clone()));
-                fresh.set_prefix(format!("backfill {}", backfill.table));
-                shown.insert(backfill.table.clone(), fresh);
+                shown.insert(
+                    backfill.table.clone(),
+                    new_bar(&bars, &style, &backfill.table),
+                );
                 continue;
             }
             let total = backfill
@@ -131,4 +130,10 @@ async fn draw(bars: MultiProgress, source: SourceConfig, slot: String) {
             }
         }
     }
+}
+
+fn new_bar(bars: &MultiProgress, style: &ProgressStyle, table: &TableName) -> ProgressBar {
+    let bar = bars.add(ProgressBar::new(0).with_style(style.clone()));
+    bar.set_prefix(format!("backfill {table}"));
+    bar
 }

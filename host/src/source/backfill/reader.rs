@@ -225,15 +225,7 @@ impl Reader {
     async fn backfill(&mut self, mut backfill: BackfillStatus) -> Result<(), BackfillError> {
         let settings = self.settings.clone();
         let (pipeline, slot, table) = (&settings.pipeline, &settings.slot, &backfill.table);
-        let version: i32 = self
-            .client()
-            .await?
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
-            .await?
-            .get(0);
-        if version < 140_000 {
-            return Err(BackfillError::ServerTooOld { version });
-        }
+        let version = super::require_watermarks(self.client().await?).await?;
         let shape = describe(self.client().await?, table, &settings.publication, version).await?;
         let filter = chunk_filter(
             backfill.where_clause.as_deref(),
@@ -508,13 +500,7 @@ pub async fn check_backfillable(
     table: &TableName,
     publication: &str,
 ) -> Result<(), BackfillError> {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int4", &[])
-        .await?
-        .get(0);
-    if version < 140_000 {
-        return Err(BackfillError::ServerTooOld { version });
-    }
+    let version = super::require_watermarks(client).await?;
     describe(client, table, publication, version)
         .await
         .map(|_| ())
@@ -698,13 +684,17 @@ fn literal(text: &str) -> String {
     format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn key_list(table: &TableShape) -> String {
-    let names: Vec<String> = table
+/// The key columns' quoted names, in index order.
+fn key_names(table: &TableShape) -> Vec<String> {
+    table
         .keys
         .iter()
         .map(|(position, _)| quote_identifier(&table.relation.columns[*position].name))
-        .collect();
-    format!("({})", names.join(", "))
+        .collect()
+}
+
+fn key_list(table: &TableShape) -> String {
+    format!("({})", key_names(table).join(", "))
 }
 
 fn key_values(table: &TableShape, key: &[String]) -> String {
@@ -735,17 +725,12 @@ fn chunk_sql(
     let after = cursor
         .map(|cursor| format!(" AND {keys} > {}", key_values(shape, cursor)))
         .unwrap_or_default();
-    let order: Vec<String> = shape
-        .keys
-        .iter()
-        .map(|(position, _)| quote_identifier(&shape.relation.columns[*position].name))
-        .collect();
     format!(
         "COPY (SELECT {} FROM {} WHERE {keys} <= {}{after}{filter} ORDER BY {} LIMIT {limit}) TO STDOUT",
         columns.join(", "),
         table.quoted(),
         key_values(shape, max_key),
-        order.join(", "),
+        key_names(shape).join(", "),
     )
 }
 
@@ -755,20 +740,10 @@ async fn max_key(
     shape: &TableShape,
     filter: &str,
 ) -> Result<Option<Vec<String>>, BackfillError> {
-    let order: Vec<String> = shape
-        .keys
+    let key_columns = key_names(shape);
+    let order: Vec<String> = key_columns
         .iter()
-        .map(|(position, _)| {
-            format!(
-                "{} DESC",
-                quote_identifier(&shape.relation.columns[*position].name)
-            )
-        })
-        .collect();
-    let key_columns: Vec<String> = shape
-        .keys
-        .iter()
-        .map(|(position, _)| quote_identifier(&shape.relation.columns[*position].name))
+        .map(|name| format!("{name} DESC"))
         .collect();
     let sql = format!(
         "COPY (SELECT {} FROM {} WHERE true{filter} ORDER BY {} LIMIT 1) TO STDOUT",

@@ -2,7 +2,8 @@
 //!
 //! A handler is a WebAssembly component that receives batches of row changes from Postgres and
 //! turns them into vector-store writes through the host: [`host::embed`] texts,
-//! [`host::upsert`] points, [`host::delete`] points. Implement [`Handler`] and export it:
+//! [`host::upsert`] points, [`host::merge`] payload keys into stored points, [`host::delete`]
+//! points. It is built against `pgstream:handler@0.2.0` (`wit/handler.wit`). Implement [`Handler`] and export it:
 //!
 //! ```ignore
 //! use pgstream_guest::{ChangeEvent, Error, Handler, Operation, host};
@@ -26,8 +27,12 @@
 //!
 //! Reading rows: [`ChangeEvent::row`] gives a [`Row`] with typed getters that keep SQL NULL
 //! apart from a TOASTed value the update did not send ([`Field`]); [`ChangeEvent::row_json`]
-//! and [`ChangeEvent::point_key`] build the usual point payload and key. [`WritePlan`] collapses
-//! a batch into one `embed` call and one `upsert` call with the right final state per row.
+//! and [`ChangeEvent::point_key`] build the usual point payload and key, and
+//! [`ChangeEvent::is_partial`] says when that payload lacks a column the update left unchanged.
+//! [`WritePlan`] collapses a batch into one `embed` call and one `upsert` (and `merge`) call with
+//! the right final state per row.
+//!
+//! Rows a backfill reads arrive as [`Operation::Read`]: treat them as upserts.
 //!
 //! A handler must be idempotent: after a failure or a crash the host delivers the batch again.
 #![warn(missing_docs)]
@@ -61,7 +66,7 @@ pub use timestamp::Timestamp;
 /// What the host offers a handler; every call is batched (pass all items at once).
 pub mod host {
     pub use crate::__bindings::pgstream::handler::host::{
-        delete, delete_table, embed, log, upsert,
+        delete, delete_table, embed, log, merge, upsert,
     };
 }
 

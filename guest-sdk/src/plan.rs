@@ -5,8 +5,10 @@
 //! deleted in it must end up deleted; a truncate wipes what came before it), so calls cannot
 //! simply be grouped by kind. [`WritePlan`] records the batch in order, keeps only the last
 //! action per point, and then runs: the table deletions of truncates, one `delete`, one
-//! `embed`, one `upsert`. Because each point appears once after collapsing and truncates run
-//! first, that order gives the same result as replaying the events one by one.
+//! `embed`, one `upsert`, one `merge`. Because each point appears once after collapsing (a
+//! point upserted then merged in one batch is in both calls, and the merge runs after the
+//! upsert) and truncates run first, that order gives the same result as replaying the events
+//! one by one.
 
 use std::collections::HashMap;
 
@@ -24,10 +26,16 @@ pub struct WritePlan {
 #[derive(Debug)]
 enum Action {
     /// Write the point; embed `text` for its vector, or keep the stored vector when `None`.
-    Upsert {
+    Write {
         key: PointKey,
         text: Option<String>,
-        payload: String,
+        /// Delete the stored point first (it was deleted earlier in the batch and is now
+        /// written by merges only, which must not meet its old payload).
+        delete_first: bool,
+        /// The payload that replaces the stored one (`upsert`), if any.
+        payload: Option<String>,
+        /// Payloads merged in after it (`merge`), in order.
+        merges: Vec<String>,
     },
     Delete(PointKey),
     /// Superseded by a truncate of its table.
@@ -42,6 +50,8 @@ struct Calls {
     texts: Vec<String>,
     /// Points with, for those to embed, the index of their text in `texts`.
     upserts: Vec<(PointKey, Option<usize>, String)>,
+    /// Merged points, likewise; a point's vector travels in its upsert when it has one.
+    merges: Vec<(PointKey, Option<usize>, String)>,
 }
 
 fn map_key(key: &PointKey) -> (String, String, Vec<String>) {
@@ -64,19 +74,71 @@ impl WritePlan {
         }
     }
 
-    /// Writes the point `key` with `payload`, embedding `text` for its vector. With `text`
-    /// `None` the stored vector is kept (the embedded text did not change); if this batch
-    /// already embeds a text for the point, that text is kept and only the payload replaced.
+    /// The action planned so far for `key`.
+    fn current(&mut self, key: &PointKey) -> Option<&mut Action> {
+        let position = *self.index.get(&map_key(key))?;
+        Some(&mut self.actions[position])
+    }
+
+    /// Writes the point `key` with `payload`, which replaces the stored payload, embedding
+    /// `text` for its vector. With `text` `None` the stored vector is kept (the embedded text
+    /// did not change); if this batch already embeds a text for the point, that text is kept.
     pub fn upsert(&mut self, key: PointKey, text: Option<String>, payload: String) {
-        let text = match (text, self.index.get(&map_key(&key))) {
+        let text = match (text, self.current(&key)) {
             (Some(text), _) => Some(text),
-            (None, Some(&position)) => match &mut self.actions[position] {
-                Action::Upsert { text, .. } => text.take(),
-                Action::Delete(_) | Action::Dropped => None,
-            },
-            (None, None) => None,
+            (None, Some(Action::Write { text, .. })) => text.take(),
+            (None, _) => None,
         };
-        self.set(&key.clone(), Action::Upsert { key, text, payload });
+        self.set(
+            &key.clone(),
+            Action::Write {
+                key,
+                text,
+                delete_first: false,
+                payload: Some(payload),
+                merges: Vec::new(),
+            },
+        );
+    }
+
+    /// Writes the point `key` merging `payload` (a JSON object) into the stored payload: its
+    /// keys replace or add those of the same name, the stored point's other keys stay. For a
+    /// row whose payload is partial ([`ChangeEvent::is_partial`](crate::ChangeEvent::is_partial)),
+    /// so a column the update left unchanged keeps its stored value. `text` as for
+    /// [`WritePlan::upsert`]. A point the store does not have is created from `payload` when
+    /// there is a text to embed, and skipped (with a warning in the host's log) otherwise.
+    pub fn merge(&mut self, key: PointKey, text: Option<String>, payload: String) {
+        match self.current(&key) {
+            Some(Action::Write {
+                text: planned,
+                merges,
+                ..
+            }) => {
+                if text.is_some() {
+                    *planned = text;
+                }
+                merges.push(payload);
+            }
+            Some(action @ Action::Delete(_)) => {
+                *action = Action::Write {
+                    key,
+                    text,
+                    delete_first: true,
+                    payload: None,
+                    merges: vec![payload],
+                };
+            }
+            Some(Action::Dropped) | None => self.set(
+                &key.clone(),
+                Action::Write {
+                    key,
+                    text,
+                    delete_first: false,
+                    payload: None,
+                    merges: vec![payload],
+                },
+            ),
+        }
     }
 
     /// Deletes the point `key`.
@@ -114,12 +176,28 @@ impl WritePlan {
         };
         for action in self.actions {
             match action {
-                Action::Upsert { key, text, payload } => {
-                    let text_index = text.map(|text| {
+                Action::Write {
+                    key,
+                    text,
+                    delete_first,
+                    payload,
+                    merges,
+                } => {
+                    let mut text_index = text.map(|text| {
                         calls.texts.push(text);
                         calls.texts.len() - 1
                     });
-                    calls.upserts.push((key, text_index, payload));
+                    if delete_first {
+                        calls.deletes.push(key.clone());
+                    }
+                    if let Some(payload) = payload {
+                        calls
+                            .upserts
+                            .push((key.clone(), text_index.take(), payload));
+                    }
+                    for payload in merges {
+                        calls.merges.push((key.clone(), text_index.take(), payload));
+                    }
                 }
                 Action::Delete(key) => calls.deletes.push(key),
                 Action::Dropped => {}
@@ -129,7 +207,7 @@ impl WritePlan {
     }
 
     /// Runs the plan: `delete-table` per truncated table, then at most one `delete`, one
-    /// `embed` and one `upsert`. Stops at the first host error.
+    /// `embed`, one `upsert` and one `merge`. Stops at the first host error.
     pub fn execute(self) -> Result<(), Error> {
         let calls = self.into_calls();
         for (schema, table) in &calls.delete_tables {
@@ -150,17 +228,23 @@ impl WritePlan {
                 calls.texts.len()
             )));
         }
-        let points: Vec<Point> = calls
-            .upserts
-            .into_iter()
-            .map(|(key, text_index, payload)| Point {
-                key,
-                vector: text_index.map(|index| std::mem::take(&mut vectors[index])),
-                payload,
-            })
-            .collect();
-        if !points.is_empty() {
-            host::upsert(&points)?;
+        let mut points = |writes: Vec<(PointKey, Option<usize>, String)>| -> Vec<Point> {
+            writes
+                .into_iter()
+                .map(|(key, text_index, payload)| Point {
+                    key,
+                    vector: text_index.map(|index| std::mem::take(&mut vectors[index])),
+                    payload,
+                })
+                .collect()
+        };
+        let upserts = points(calls.upserts);
+        let merges = points(calls.merges);
+        if !upserts.is_empty() {
+            host::upsert(&upserts)?;
+        }
+        if !merges.is_empty() {
+            host::merge(&merges)?;
         }
         Ok(())
     }
@@ -199,6 +283,42 @@ mod tests {
                 (key("docs", "1"), Some(0), "{\"v\":2}".to_owned()),
                 (key("docs", "2"), Some(1), "{}".to_owned()),
                 (key("docs", "4"), None, "{\"only\":\"payload\"}".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn merges_follow_the_upsert_of_their_point_and_take_its_text() {
+        let mut plan = WritePlan::new();
+        plan.upsert(key("docs", "1"), Some("first".into()), "{\"v\":1}".into());
+        plan.merge(key("docs", "1"), None, "{\"n\":1}".into());
+        plan.merge(key("docs", "2"), None, "{\"n\":2}".into());
+        plan.merge(key("docs", "2"), Some("second".into()), "{\"n\":3}".into());
+        plan.delete(key("docs", "3"));
+        plan.merge(key("docs", "3"), Some("third".into()), "{\"n\":4}".into());
+        plan.merge(key("docs", "4"), None, "{\"n\":5}".into());
+        plan.upsert(key("docs", "4"), None, "{\"v\":4}".into());
+
+        let calls = plan.into_calls();
+        assert_eq!(calls.deletes, vec![key("docs", "3")]);
+        assert_eq!(
+            calls.texts,
+            vec!["first".to_owned(), "second".to_owned(), "third".to_owned()]
+        );
+        assert_eq!(
+            calls.upserts,
+            vec![
+                (key("docs", "1"), Some(0), "{\"v\":1}".to_owned()),
+                (key("docs", "4"), None, "{\"v\":4}".to_owned()),
+            ]
+        );
+        assert_eq!(
+            calls.merges,
+            vec![
+                (key("docs", "1"), None, "{\"n\":1}".to_owned()),
+                (key("docs", "2"), Some(1), "{\"n\":2}".to_owned()),
+                (key("docs", "2"), None, "{\"n\":3}".to_owned()),
+                (key("docs", "3"), Some(2), "{\"n\":4}".to_owned()),
             ]
         );
     }

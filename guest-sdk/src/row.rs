@@ -267,6 +267,21 @@ impl ChangeEvent {
     pub fn row_json_with(&self, skip: &[&str]) -> String {
         crate::json::row_json(&self.row, self.old_row.as_deref(), skip)
     }
+
+    /// Whether [`ChangeEvent::row_json_with`] leaves a column out for want of its value: the
+    /// update left it unchanged (TOASTed, not sent) and the old row does not have it. Such a
+    /// row's payload is partial: write it with [`WritePlan::merge`](crate::WritePlan::merge),
+    /// so the stored value of the missing column survives.
+    pub fn is_partial(&self) -> bool {
+        self.row.iter().any(|column| {
+            matches!(column.value, Value::Unchanged)
+                && !self.old_row.as_deref().is_some_and(|old| {
+                    old.iter().any(|old| {
+                        old.name == column.name && !matches!(old.value, Value::Unchanged)
+                    })
+                })
+        })
+    }
 }
 
 fn key_of(event: &ChangeEvent, row: Row<'_>) -> Result<PointKey, FieldError> {
@@ -412,5 +427,27 @@ pub(crate) mod tests {
                 column: "id".to_owned()
             })
         );
+    }
+
+    #[test]
+    fn a_row_is_partial_when_an_unchanged_column_has_no_old_value() {
+        let mut event = event(
+            Operation::Update,
+            vec![
+                column("id", type_oid::INT4, text("5")),
+                column("content", type_oid::TEXT, Value::Unchanged),
+            ],
+        );
+        assert!(event.is_partial());
+        event.old_row = Some(vec![column("id", type_oid::INT4, text("5"))]);
+        assert!(event.is_partial());
+        event.old_row = Some(vec![
+            column("id", type_oid::INT4, text("5")),
+            column("content", type_oid::TEXT, text("kept")),
+        ]);
+        assert!(!event.is_partial());
+        event.old_row = None;
+        event.row[1].value = text("sent");
+        assert!(!event.is_partial());
     }
 }

@@ -160,6 +160,10 @@ impl Sink for MemorySink {
         Ok(())
     }
 
+    async fn merge(&self, _points: &[Point]) -> Result<(), SinkError> {
+        Ok(())
+    }
+
     async fn delete(&self, _keys: &[PointKey]) -> Result<(), SinkError> {
         Ok(())
     }

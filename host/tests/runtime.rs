@@ -11,19 +11,20 @@ use pgstream_host::event::{ChangeEvent, Column, Operation, Relation, Value};
 use pgstream_host::lsn::Lsn;
 use pgstream_host::point::{Point, PointKey};
 use pgstream_host::runtime::{
-    EngineOptions, HandleError, HandlerInstance, HostImports, ImportError, Limits, PluginEngine,
-    RuntimeError,
+    ContractVersion, EngineOptions, HandleError, HandlerInstance, HostImports, ImportError, Limits,
+    PluginEngine, RuntimeError,
 };
 use serde_json::{Value as Json, json};
 
 mod components;
-use components::wasm;
+use components::{fixture, wasm};
 
 /// One host import call as the guest made it.
 #[derive(Debug, Clone, PartialEq)]
 enum Call {
     Embed(Vec<String>),
     Upsert(Vec<Point>),
+    Merge(Vec<Point>),
     Delete(Vec<PointKey>),
     DeleteTable(String, String),
 }
@@ -67,6 +68,11 @@ impl HostImports for Recorder {
 
     async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError> {
         self.calls.lock().unwrap().push(Call::Upsert(points));
+        Ok(())
+    }
+
+    async fn merge(&self, points: Vec<Point>) -> Result<(), ImportError> {
+        self.calls.lock().unwrap().push(Call::Merge(points));
         Ok(())
     }
 
@@ -138,10 +144,18 @@ fn insert(relation: &Arc<Relation>, id: i32, content: &str) -> ChangeEvent {
 }
 
 async fn instantiate(name: &str, imports: Arc<Recorder>, limits: Limits) -> HandlerInstance {
+    instantiate_file(&wasm(name), imports, limits).await
+}
+
+async fn instantiate_file(
+    path: &std::path::Path,
+    imports: Arc<Recorder>,
+    limits: Limits,
+) -> HandlerInstance {
     let engine = PluginEngine::new(EngineOptions::default()).unwrap();
-    let plugin = engine.load(&wasm(name)).unwrap();
+    let plugin = engine.load(path).unwrap();
     plugin
-        .instantiate(imports, limits, &format!("test/{name}"))
+        .instantiate(imports, limits, "test/plugin")
         .await
         .unwrap()
 }
@@ -167,11 +181,11 @@ fn expected_echo(event: &ChangeEvent) -> Json {
             .collect::<Vec<_>>()
     };
     let operation = match event.operation {
-        // What a 0.1.0 guest sees: a read row arrives as an insert.
-        Operation::Insert | Operation::Read => "insert",
+        Operation::Insert => "insert",
         Operation::Update => "update",
         Operation::Delete => "delete",
         Operation::Truncate => "truncate",
+        Operation::Read => "read",
     };
     json!({
         "operation": operation,
@@ -218,6 +232,11 @@ async fn events_reach_the_guest_intact() {
             vec![text("3"), Value::Null, Value::Null, Value::Null],
         ),
         event(Operation::Truncate, &documents, vec![]),
+        event(
+            Operation::Read,
+            &documents,
+            vec![text("4"), Value::Null, text("read"), Value::Null],
+        ),
     ];
 
     let recorder = Arc::new(Recorder::default());
@@ -278,16 +297,23 @@ async fn embed_handler_collapses_a_batch_into_one_embed_and_one_upsert() {
                 Point {
                     key: key("1"),
                     vector: Some(vec![5.0, 1.0]),
-                    payload: r#"{"id":1,"note":null,"meta":{"tags": ["a"]}}"#.to_owned(),
+                    payload: r#"{"id":1,"content":"first","note":null,"meta":{"tags": ["a"]}}"#
+                        .to_owned(),
                 },
-                // Inserted with "second", then updated without touching content: the
-                // vector of "second" with the updated payload.
                 Point {
                     key: key("2"),
                     vector: Some(vec![6.0, 1.0]),
-                    payload: r#"{"id":2,"note":"edited","meta":null}"#.to_owned(),
+                    payload: r#"{"id":2,"content":"second","note":null,"meta":{"tags": ["a"]}}"#
+                        .to_owned(),
                 },
             ]),
+            // Then updated without touching content: its payload lacks content, so it is
+            // merged into the one just written, which keeps the text.
+            Call::Merge(vec![Point {
+                key: key("2"),
+                vector: None,
+                payload: r#"{"id":2,"note":"edited","meta":null}"#.to_owned(),
+            }]),
         ]
     );
 }
@@ -308,13 +334,107 @@ async fn embed_handler_updates_only_the_payload_when_content_is_unchanged() {
         recorder.calls(),
         vec![
             Call::DeleteTable("public".to_owned(), "documents".to_owned()),
-            Call::Upsert(vec![Point {
+            Call::Merge(vec![Point {
                 key: key("1"),
                 vector: None,
                 payload: r#"{"id":1,"note":"n","meta":null}"#.to_owned(),
             }]),
         ]
     );
+}
+
+#[tokio::test]
+async fn embed_handler_treats_a_read_row_as_an_upsert() {
+    let documents = documents();
+    let mut read = insert(&documents, 4, "backfilled");
+    read.operation = Operation::Read;
+    let recorder = Arc::new(Recorder::default());
+    let mut instance = instantiate("embed-handler", recorder.clone(), Limits::default()).await;
+    instance.handle(&[read]).await.unwrap();
+    assert_eq!(
+        recorder.calls(),
+        vec![
+            Call::Embed(vec!["backfilled".to_owned()]),
+            Call::Upsert(vec![Point {
+                key: key("4"),
+                vector: Some(vec![10.0, 1.0]),
+                payload: r#"{"id":4,"content":"backfilled","note":null,"meta":{"tags": ["a"]}}"#
+                    .to_owned(),
+            }]),
+        ]
+    );
+}
+
+#[test]
+fn the_contract_version_is_read_from_the_component() {
+    let engine = PluginEngine::new(EngineOptions::default()).unwrap();
+    for (path, version) in [
+        (wasm("embed-handler"), ContractVersion::V0_2),
+        (wasm("echo-handler"), ContractVersion::V0_2),
+        (
+            fixture("handler-0.1.0/embed-handler.wasm"),
+            ContractVersion::V0_1,
+        ),
+        (
+            fixture("handler-0.1.0/echo-handler.wasm"),
+            ContractVersion::V0_1,
+        ),
+    ] {
+        let plugin = engine.load(&path).unwrap();
+        assert_eq!(plugin.contract_version(), version, "{}", path.display());
+    }
+}
+
+/// The 0.1.0 embed handler, built before 0.2.0 existed and kept as it was: it runs unmodified,
+/// gets a backfilled row as an insert, and writes with the calls 0.1.0 has.
+#[tokio::test]
+async fn a_component_built_against_0_1_0_runs_unmodified_and_gets_reads_as_inserts() {
+    let documents = documents();
+    let mut read = insert(&documents, 1, "backfilled");
+    read.operation = Operation::Read;
+    let unchanged = event(
+        Operation::Update,
+        &documents,
+        vec![text("2"), Value::Unchanged, text("n"), Value::Null],
+    );
+    let recorder = Arc::new(Recorder::default());
+    let mut instance = instantiate_file(
+        &fixture("handler-0.1.0/embed-handler.wasm"),
+        recorder.clone(),
+        Limits::default(),
+    )
+    .await;
+    instance.handle(&[read.clone(), unchanged]).await.unwrap();
+    assert_eq!(
+        recorder.calls(),
+        vec![
+            Call::Embed(vec!["backfilled".to_owned()]),
+            Call::Upsert(vec![
+                // The 0.1.0 example left the text out of the payload.
+                Point {
+                    key: key("1"),
+                    vector: Some(vec![10.0, 1.0]),
+                    payload: r#"{"id":1,"note":null,"meta":{"tags": ["a"]}}"#.to_owned(),
+                },
+                Point {
+                    key: key("2"),
+                    vector: None,
+                    payload: r#"{"id":2,"note":"n","meta":null}"#.to_owned(),
+                },
+            ]),
+        ]
+    );
+
+    let recorder = Arc::new(Recorder::default());
+    let mut echo = instantiate_file(
+        &fixture("handler-0.1.0/echo-handler.wasm"),
+        recorder.clone(),
+        Limits::default(),
+    )
+    .await;
+    echo.handle(&[read]).await.unwrap();
+    let payload: Json = serde_json::from_str(&recorder.upserted()[0].payload).unwrap();
+    assert_eq!(payload["operation"], "insert");
 }
 
 #[tokio::test]

@@ -54,6 +54,9 @@ impl HostImports for Unreachable {
     async fn upsert(&self, _: Vec<Point>) -> Result<(), ImportError> {
         Err(ImportError::refused("the benchmark gives no sink"))
     }
+    async fn merge(&self, _: Vec<Point>) -> Result<(), ImportError> {
+        Err(ImportError::refused("the benchmark gives no sink"))
+    }
     async fn delete(&self, _: Vec<PointKey>) -> Result<(), ImportError> {
         Err(ImportError::refused("the benchmark gives no sink"))
     }

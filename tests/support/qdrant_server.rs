@@ -2,7 +2,8 @@
 //! qdrant-client's generated server traits, listening on 127.0.0.1 on a free port.
 //!
 //! It serves what the Qdrant sink calls (health check, collection exists/info/create, payload
-//! index creation, get, update-batch, delete, query) and holds its data in memory. It enforces
+//! index creation, get, update-batch with upsert / overwrite-payload / set-payload /
+//! update-vectors / delete operations, delete, query) and holds its data in memory. It enforces
 //! the Qdrant rules a sink can trip over, with Qdrant's kind of message: a point id is an
 //! unsigned integer or a UUID, a vector has the collection's size, the collection must exist,
 //! a payload write needs an existing point. It honours `wait`: a write sent without
@@ -300,6 +301,9 @@ enum Change {
     Upsert(Vec<(PointId, Stored)>),
     Delete(Selection),
     OverwritePayload(Selection, HashMap<String, Value>),
+    /// Keys merged into the stored payloads.
+    SetPayload(Selection, HashMap<String, Value>),
+    UpdateVectors(Vec<(PointId, Vec<f32>)>),
 }
 
 enum Selection {
@@ -394,16 +398,34 @@ fn apply(collection: &mut Collection, change: Change) -> Result<(), Status> {
             for id in selected(collection, &selection) {
                 match collection.points.get_mut(&id) {
                     Some(point) => point.payload = payload.clone(),
-                    None => {
-                        return Err(Status::not_found(format!(
-                            "Not found: No point with id {id} found"
-                        )));
-                    }
+                    None => return Err(no_point(id)),
+                }
+            }
+        }
+        Change::SetPayload(selection, payload) => {
+            for id in selected(collection, &selection) {
+                match collection.points.get_mut(&id) {
+                    Some(point) => point
+                        .payload
+                        .extend(payload.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                    None => return Err(no_point(id)),
+                }
+            }
+        }
+        Change::UpdateVectors(vectors) => {
+            for (id, vector) in vectors {
+                match collection.points.get_mut(&id) {
+                    Some(point) => point.vector = vector,
+                    None => return Err(no_point(id)),
                 }
             }
         }
     }
     Ok(())
+}
+
+fn no_point(id: PointId) -> Status {
+    Status::not_found(format!("Not found: No point with id {id} found"))
 }
 
 /// The ids a selection names: listed ids whether they exist or not (a payload write to a
@@ -1004,6 +1026,22 @@ impl Points for Service {
                 Some(Operation::OverwritePayload(overwrite)) => Change::OverwritePayload(
                     selection(overwrite.points_selector.as_ref())?,
                     overwrite.payload.clone(),
+                ),
+                Some(Operation::SetPayload(set)) => Change::SetPayload(
+                    selection(set.points_selector.as_ref())?,
+                    set.payload.clone(),
+                ),
+                Some(Operation::UpdateVectors(update)) => Change::UpdateVectors(
+                    update
+                        .points
+                        .iter()
+                        .map(|point| {
+                            Ok((
+                                PointId::parse(point.id.as_ref())?,
+                                stored_vector(point.vectors.as_ref(), size, distance)?,
+                            ))
+                        })
+                        .collect::<Result<_, Status>>()?,
                 ),
                 Some(Operation::DeletePoints(delete)) => {
                     Change::Delete(selection(delete.points.as_ref())?)

@@ -247,8 +247,10 @@ impl Metrics {
                 embed_texts: labelled(&families.embed_texts, &label),
                 embed_seconds: labelled(&families.embed_seconds, &label),
                 upserted: labelled(&families.sink_items, &operation("upsert")),
+                merged: labelled(&families.sink_items, &operation("merge")),
                 deleted: labelled(&families.sink_items, &operation("delete")),
                 upsert_seconds: labelled(&families.sink_seconds, &operation("upsert")),
+                merge_seconds: labelled(&families.sink_seconds, &operation("merge")),
                 delete_seconds: labelled(&families.sink_seconds, &operation("delete")),
                 reloads: ReloadOutcome::ALL.map(|outcome| {
                     let labels = ResultLabels {
@@ -379,8 +381,10 @@ struct PipelineMetricsInner {
     embed_texts: Counter,
     embed_seconds: Histogram,
     upserted: Counter,
+    merged: Counter,
     deleted: Counter,
     upsert_seconds: Histogram,
+    merge_seconds: Histogram,
     delete_seconds: Histogram,
     reloads: [Counter; 3],
     reload_seconds: Histogram,
@@ -397,8 +401,10 @@ impl Default for PipelineMetricsInner {
             embed_texts: Counter::default(),
             embed_seconds: seconds_histogram(),
             upserted: Counter::default(),
+            merged: Counter::default(),
             deleted: Counter::default(),
             upsert_seconds: seconds_histogram(),
+            merge_seconds: seconds_histogram(),
             delete_seconds: seconds_histogram(),
             reloads: Default::default(),
             reload_seconds: seconds_histogram(),
@@ -440,6 +446,12 @@ impl PipelineMetrics {
     pub fn upserted(&self, points: usize, took: Duration) {
         self.inner.upserted.inc_by(points as u64);
         self.inner.upsert_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A sink merge of `points` points that took `took`.
+    pub fn merged(&self, points: usize, took: Duration) {
+        self.inner.merged.inc_by(points as u64);
+        self.inner.merge_seconds.observe(took.as_secs_f64());
     }
 
     /// A sink delete of `keys` keys (or of a table's points: 0) that took `took`.

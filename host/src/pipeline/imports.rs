@@ -1,5 +1,5 @@
 //! The host side of a handler's imports for one pipeline: `embed` goes to the pipeline's
-//! embedder, `upsert`/`delete`/`delete-table` to its sink. This is the only place where the
+//! embedder, `upsert`/`merge`/`delete`/`delete-table` to its sink. This is the only place where the
 //! plugin runtime meets embedders and sinks; neither of them knows the other.
 //!
 //! Each failure is classified here, once, from the embedder's or the sink's own error type:
@@ -113,6 +113,19 @@ impl HostImports for PipelineImports {
             .await
             .map_err(|error| import_error(&error, error.is_retryable()))?;
         self.metrics.upserted(points.len(), started.elapsed());
+        Ok(())
+    }
+
+    async fn merge(&self, points: Vec<Point>) -> Result<(), ImportError> {
+        for point in &points {
+            self.check_table(&point.key.schema, &point.key.table)?;
+        }
+        let started = Instant::now();
+        self.sink
+            .merge(&points)
+            .await
+            .map_err(|error| import_error(&error, error.is_retryable()))?;
+        self.metrics.merged(points.len(), started.elapsed());
         Ok(())
     }
 

@@ -14,9 +14,10 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
-use super::bindings::Handler;
+use super::bindings::EveryVersion;
 use super::cache::ComponentCache;
 use super::error::RuntimeError;
+use super::event_records::ContractVersion;
 use super::host_imports::HostState;
 use super::plugin::{Plugin, PluginDigest, StoreState};
 
@@ -120,18 +121,25 @@ impl PluginEngine {
         };
         let mut linker = Linker::<StoreState>::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(mismatch)?;
-        Handler::add_to_linker::<StoreState, HostData>(&mut linker, |state| &mut state.host)
+        EveryVersion::add_to_linker::<StoreState, HostData>(&mut linker, |state| &mut state.host)
             .map_err(mismatch)?;
         let instance_pre = linker.instantiate_pre(&component).map_err(mismatch)?;
         let handle_export = component
             .get_export_index(None, "handle")
             .ok_or_else(|| mismatch(wasmtime::format_err!("no `handle` export")))?;
+        let version = ContractVersion::of_component(engine, &component).ok_or_else(|| {
+            mismatch(wasmtime::format_err!(
+                "its `handle` export matches no version of pgstream:handler this host runs \
+                 (0.1.0, 0.2.0); build it against wit/handler.wit"
+            ))
+        })?;
         Ok(Plugin::new(
             self.shared.clone(),
             path.to_owned(),
             PluginDigest::of(&bytes),
             instance_pre,
             handle_export,
+            version,
         ))
     }
 

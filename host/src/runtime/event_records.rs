@@ -10,16 +10,80 @@
 //! The field and case names are the WIT names; wasmtime checks them against the component's
 //! `handle` export when the typed function is looked up, so a drift between this file and
 //! `wit/handler.wit` fails at instantiation, not silently.
+//!
+//! The published versions of the contract differ here only in the `operation` enum (0.2.0
+//! adds `read`), so the records are generic over it and [`ContractVersion`] tells, from a
+//! component's `handle` export, which one the component was built against.
 
-use wasmtime::component::{ComponentType, Lift, Lower};
+use wasmtime::Engine;
+use wasmtime::component::types::{ComponentItem, Type};
+use wasmtime::component::{Component, ComponentType, Lift, Lower};
 
 use crate::event::{ChangeEvent, Column, Operation, Value};
 
-/// WIT `operation`.
+/// The version of `pgstream:handler` a component was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContractVersion {
+    /// `pgstream:handler@0.1.0`: no `read`, no `merge-payload`.
+    V0_1,
+    /// `pgstream:handler@0.2.0`, the current one.
+    V0_2,
+}
+
+impl ContractVersion {
+    /// The version whose `operation` enum the component's `handle` export takes, or `None`
+    /// when the export is missing or has a shape no version has (the typed lookup at
+    /// instantiation then says what does not match).
+    pub(crate) fn of_component(engine: &Engine, component: &Component) -> Option<ContractVersion> {
+        let component_type = component.component_type();
+        let export = component_type.get_export(engine, "handle")?;
+        let ComponentItem::ComponentFunc(handle) = export.ty else {
+            return None;
+        };
+        let (_, Type::List(events)) = handle.params().next()? else {
+            return None;
+        };
+        let Type::Record(event) = events.ty() else {
+            return None;
+        };
+        let operation = event.fields().find(|field| field.name == "operation")?;
+        let Type::Enum(operation) = operation.ty else {
+            return None;
+        };
+        let cases: Vec<&str> = operation.names().collect();
+        match cases.as_slice() {
+            ["insert", "update", "delete", "truncate"] => Some(ContractVersion::V0_1),
+            ["insert", "update", "delete", "truncate", "read"] => Some(ContractVersion::V0_2),
+            _ => None,
+        }
+    }
+
+    /// The package version, as WIT writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContractVersion::V0_1 => "0.1.0",
+            ContractVersion::V0_2 => "0.2.0",
+        }
+    }
+}
+
+impl std::fmt::Display for ContractVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pgstream:handler@{}", self.as_str())
+    }
+}
+
+/// The WIT `operation` enum of one contract version.
+pub(crate) trait OperationRecord: ComponentType + Lower + Copy + Send + Sync {
+    /// The case a host operation is delivered as.
+    fn of(operation: Operation) -> Self;
+}
+
+/// WIT `operation` of `pgstream:handler@0.1.0`.
 #[derive(ComponentType, Lower, Clone, Copy, Debug)]
 #[component(enum)]
 #[repr(u8)]
-pub(crate) enum OperationRecord {
+pub(crate) enum OperationV0_1 {
     #[component(name = "insert")]
     Insert,
     #[component(name = "update")]
@@ -28,6 +92,47 @@ pub(crate) enum OperationRecord {
     Delete,
     #[component(name = "truncate")]
     Truncate,
+}
+
+impl OperationRecord for OperationV0_1 {
+    fn of(operation: Operation) -> Self {
+        match operation {
+            // 0.1.0 has no `read`; a backfilled row is an insert to it.
+            Operation::Insert | Operation::Read => OperationV0_1::Insert,
+            Operation::Update => OperationV0_1::Update,
+            Operation::Delete => OperationV0_1::Delete,
+            Operation::Truncate => OperationV0_1::Truncate,
+        }
+    }
+}
+
+/// WIT `operation` of `pgstream:handler@0.2.0`.
+#[derive(ComponentType, Lower, Clone, Copy, Debug)]
+#[component(enum)]
+#[repr(u8)]
+pub(crate) enum OperationV0_2 {
+    #[component(name = "insert")]
+    Insert,
+    #[component(name = "update")]
+    Update,
+    #[component(name = "delete")]
+    Delete,
+    #[component(name = "truncate")]
+    Truncate,
+    #[component(name = "read")]
+    Read,
+}
+
+impl OperationRecord for OperationV0_2 {
+    fn of(operation: Operation) -> Self {
+        match operation {
+            Operation::Insert => OperationV0_2::Insert,
+            Operation::Update => OperationV0_2::Update,
+            Operation::Delete => OperationV0_2::Delete,
+            Operation::Truncate => OperationV0_2::Truncate,
+            Operation::Read => OperationV0_2::Read,
+        }
+    }
 }
 
 /// WIT `value`.
@@ -52,11 +157,11 @@ pub(crate) struct ColumnRecord<'a> {
     value: ValueRecord<'a>,
 }
 
-/// WIT `change-event`.
+/// WIT `change-event`, with the `operation` enum of contract version `O`.
 #[derive(ComponentType, Lower, Clone, Copy, Debug)]
 #[component(record)]
-pub(crate) struct EventRecord<'a> {
-    operation: OperationRecord,
+pub(crate) struct EventRecord<'a, O> {
+    operation: O,
     schema: &'a str,
     table: &'a str,
     row: &'a [ColumnRecord<'a>],
@@ -78,7 +183,7 @@ pub(crate) struct ErrorRecord {
 }
 
 /// The parameters of the `handle` export.
-pub(crate) type HandleParams<'a> = (&'a [EventRecord<'a>],);
+pub(crate) type HandleParams<'a, O> = (&'a [EventRecord<'a, O>],);
 /// The results of the `handle` export.
 pub(crate) type HandleResults = (Result<(), ErrorRecord>,);
 
@@ -113,7 +218,10 @@ impl<'a> BatchRecords<'a> {
 
     /// The event records, borrowing from `self` and from `events` (which must be the slice
     /// `self` was built from).
-    pub(crate) fn events(&'a self, events: &'a [ChangeEvent]) -> Vec<EventRecord<'a>> {
+    pub(crate) fn events<O: OperationRecord>(
+        &'a self,
+        events: &'a [ChangeEvent],
+    ) -> Vec<EventRecord<'a, O>> {
         let mut remaining = self.columns.as_slice();
         let mut take = |len: usize| {
             let (row, rest) = remaining.split_at(len.min(remaining.len()));
@@ -130,14 +238,7 @@ impl<'a> BatchRecords<'a> {
                     .as_ref()
                     .map(|old_row| take(row_len(&relation.columns, old_row)));
                 EventRecord {
-                    operation: match event.operation {
-                        // The handler@0.1.0 world has no `read`; a backfilled row is an
-                        // insert to it.
-                        Operation::Insert | Operation::Read => OperationRecord::Insert,
-                        Operation::Update => OperationRecord::Update,
-                        Operation::Delete => OperationRecord::Delete,
-                        Operation::Truncate => OperationRecord::Truncate,
-                    },
+                    operation: O::of(event.operation),
                     schema: &relation.schema,
                     table: &relation.table,
                     row,

@@ -1,6 +1,11 @@
 //! The `pgstream:handler/host` interface as the guest sees it, and the [`HostImports`] trait
 //! the pipeline implements to give it an embedder and a sink.
 //!
+//! Every published version of the interface is served by the same [`HostState`]: the WIT
+//! values of each version are converted to the crate's own types and go through one
+//! implementation, so 0.1.0 and 0.2.0 guests get exactly the same checks and limits. 0.2.0
+//! only adds `merge`.
+//!
 //! The runtime knows neither embedders nor sinks: it converts the guest's WIT values into
 //! [`Point`]s and [`PointKey`]s and hands them to whatever `HostImports` the pipeline passed to
 //! [`Plugin::instantiate`](super::Plugin::instantiate). Failures of those calls are typed
@@ -14,11 +19,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::bindings::pgstream::handler::host::Host;
-use super::bindings::pgstream::handler::types;
-use super::bindings::pgstream::handler::types::{
-    Error as WitError, LogLevel, Point as WitPoint, PointKey as WitPointKey,
-};
+use super::bindings::pgstream::handler0_1_0 as v0_1;
+use super::bindings::pgstream::handler0_2_0 as v0_2;
 use super::limits::CallClock;
 use super::log_budget::{Admission, LogBudget, report_dropped};
 use crate::point::{Point, PointKey};
@@ -76,6 +78,8 @@ pub trait HostImports: Send + Sync + 'static {
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError>;
     /// Inserts or replaces points.
     async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError>;
+    /// Writes points whose payloads merge into the stored ones (see [`Sink::merge`](crate::sink::Sink::merge)).
+    async fn merge(&self, points: Vec<Point>) -> Result<(), ImportError>;
     /// Deletes points; missing keys are not an error.
     async fn delete(&self, keys: Vec<PointKey>) -> Result<(), ImportError>;
     /// Deletes every point made from rows of `schema.table`.
@@ -122,8 +126,8 @@ impl HostState {
         self.failure.as_ref()
     }
 
-    /// Remembers a failure and turns it into the guest's error value.
-    fn failed(&mut self, error: ImportError) -> WitError {
+    /// Remembers a failure and returns the message the guest gets.
+    fn failed(&mut self, error: ImportError) -> String {
         let message = error.message.clone();
         if self
             .failure
@@ -132,7 +136,7 @@ impl HostState {
         {
             self.failure = Some(error);
         }
-        WitError { message }
+        message
     }
 
     /// Runs one host import with the guest's clock stopped.
@@ -144,15 +148,27 @@ impl HostState {
     }
 }
 
-fn wit_error(message: String) -> WitError {
-    WitError { message }
-}
-
-fn point_key(key: WitPointKey) -> PointKey {
+fn point_key_v1(key: v0_1::types::PointKey) -> PointKey {
     PointKey {
         schema: key.schema,
         table: key.table,
         key: key.key,
+    }
+}
+
+fn point_key_v2(key: v0_2::types::PointKey) -> PointKey {
+    PointKey {
+        schema: key.schema,
+        table: key.table,
+        key: key.key,
+    }
+}
+
+fn point_v2(point: v0_2::types::Point) -> Point {
+    Point {
+        key: point_key_v2(point.key),
+        vector: point.vector,
+        payload: point.payload,
     }
 }
 
@@ -164,21 +180,20 @@ pub const MAX_EMBED_TEXTS: usize = 100_000;
 /// Most text bytes one `embed` call may pass (documented in the WIT).
 pub const MAX_EMBED_BYTES: usize = 64 * 1024 * 1024;
 
-/// The `types` interface has no functions; the linker still asks for its (empty) trait.
-impl types::Host for HostState {}
-
-impl Host for HostState {
-    async fn embed(&mut self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, WitError> {
+/// The imports of every version, on the crate's own types; the `Host` impls below only convert.
+/// An `Err` is the message the guest gets.
+impl HostState {
+    async fn embed_texts(&mut self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, String> {
         let count = texts.len();
         // The guest's memory limit does not bound what embedding costs the host: an empty
         // string is 8 bytes in the guest but kilobytes of tokens and vector here. Refusing
         // oversized calls keeps one plugin from exhausting the process.
         let bytes: usize = texts.iter().map(String::len).sum();
         if count > MAX_EMBED_TEXTS || bytes > MAX_EMBED_BYTES {
-            return Err(wit_error(format!(
+            return Err(format!(
                 "embed called with {count} texts ({bytes} bytes); at most {MAX_EMBED_TEXTS} texts \
                  and {MAX_EMBED_BYTES} bytes per call"
-            )));
+            ));
         }
         let result = self.outside_guest_time(self.imports.embed(texts)).await;
         match result {
@@ -193,33 +208,30 @@ impl Host for HostState {
         }
     }
 
-    async fn upsert(&mut self, points: Vec<WitPoint>) -> Result<(), WitError> {
-        let points = points
-            .into_iter()
-            .map(|point| Point {
-                key: point_key(point.key),
-                vector: point.vector,
-                payload: point.payload,
-            })
-            .collect();
+    async fn upsert_points(&mut self, points: Vec<Point>) -> Result<(), String> {
         let result = self.outside_guest_time(self.imports.upsert(points)).await;
         result.map_err(|error| self.failed(error))
     }
 
-    async fn delete(&mut self, keys: Vec<WitPointKey>) -> Result<(), WitError> {
-        let keys = keys.into_iter().map(point_key).collect();
+    async fn merge_points(&mut self, points: Vec<Point>) -> Result<(), String> {
+        let result = self.outside_guest_time(self.imports.merge(points)).await;
+        result.map_err(|error| self.failed(error))
+    }
+
+    async fn delete_keys(&mut self, keys: Vec<PointKey>) -> Result<(), String> {
         let result = self.outside_guest_time(self.imports.delete(keys)).await;
         result.map_err(|error| self.failed(error))
     }
 
-    async fn delete_table(&mut self, schema: String, table: String) -> Result<(), WitError> {
+    async fn delete_whole_table(&mut self, schema: String, table: String) -> Result<(), String> {
         let result = self
             .outside_guest_time(self.imports.delete_table(schema, table))
             .await;
         result.map_err(|error| self.failed(error))
     }
 
-    async fn log(&mut self, level: LogLevel, message: String) {
+    fn log_line(&mut self, level: v0_2::types::LogLevel, message: String) {
+        use v0_2::types::LogLevel;
         let plugin = &*self.log_target;
         match self.log_budget.admit() {
             Admission::Drop => return,
@@ -238,5 +250,100 @@ impl Host for HostState {
             LogLevel::Warn => tracing::warn!(target: "pgstream::plugin", plugin, "{message}"),
             LogLevel::Error => tracing::error!(target: "pgstream::plugin", plugin, "{message}"),
         }
+    }
+}
+
+/// The `types` interfaces have no functions; the linker still asks for their (empty) traits.
+impl v0_1::types::Host for HostState {}
+impl v0_2::types::Host for HostState {}
+
+fn error_v1(message: String) -> v0_1::types::Error {
+    v0_1::types::Error { message }
+}
+
+fn error_v2(message: String) -> v0_2::types::Error {
+    v0_2::types::Error { message }
+}
+
+impl v0_1::host::Host for HostState {
+    async fn embed(&mut self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, v0_1::types::Error> {
+        self.embed_texts(texts).await.map_err(error_v1)
+    }
+
+    async fn upsert(&mut self, points: Vec<v0_1::types::Point>) -> Result<(), v0_1::types::Error> {
+        let points = points
+            .into_iter()
+            .map(|point| Point {
+                key: point_key_v1(point.key),
+                vector: point.vector,
+                payload: point.payload,
+            })
+            .collect();
+        self.upsert_points(points).await.map_err(error_v1)
+    }
+
+    async fn delete(&mut self, keys: Vec<v0_1::types::PointKey>) -> Result<(), v0_1::types::Error> {
+        let keys = keys.into_iter().map(point_key_v1).collect();
+        self.delete_keys(keys).await.map_err(error_v1)
+    }
+
+    async fn delete_table(
+        &mut self,
+        schema: String,
+        table: String,
+    ) -> Result<(), v0_1::types::Error> {
+        self.delete_whole_table(schema, table)
+            .await
+            .map_err(error_v1)
+    }
+
+    async fn log(&mut self, level: v0_1::types::LogLevel, message: String) {
+        use v0_1::types::LogLevel as Old;
+        use v0_2::types::LogLevel as New;
+        let level = match level {
+            Old::Trace => New::Trace,
+            Old::Debug => New::Debug,
+            Old::Info => New::Info,
+            Old::Warn => New::Warn,
+            Old::Error => New::Error,
+        };
+        self.log_line(level, message);
+    }
+}
+
+impl v0_2::host::Host for HostState {
+    async fn embed(&mut self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, v0_2::types::Error> {
+        self.embed_texts(texts).await.map_err(error_v2)
+    }
+
+    async fn upsert(&mut self, points: Vec<v0_2::types::Point>) -> Result<(), v0_2::types::Error> {
+        self.upsert_points(points.into_iter().map(point_v2).collect())
+            .await
+            .map_err(error_v2)
+    }
+
+    async fn merge(&mut self, points: Vec<v0_2::types::Point>) -> Result<(), v0_2::types::Error> {
+        self.merge_points(points.into_iter().map(point_v2).collect())
+            .await
+            .map_err(error_v2)
+    }
+
+    async fn delete(&mut self, keys: Vec<v0_2::types::PointKey>) -> Result<(), v0_2::types::Error> {
+        let keys = keys.into_iter().map(point_key_v2).collect();
+        self.delete_keys(keys).await.map_err(error_v2)
+    }
+
+    async fn delete_table(
+        &mut self,
+        schema: String,
+        table: String,
+    ) -> Result<(), v0_2::types::Error> {
+        self.delete_whole_table(schema, table)
+            .await
+            .map_err(error_v2)
+    }
+
+    async fn log(&mut self, level: v0_2::types::LogLevel, message: String) {
+        self.log_line(level, message);
     }
 }

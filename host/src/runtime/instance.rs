@@ -9,7 +9,10 @@ use wasmtime::component::Func;
 
 use super::engine::{EPOCH_TICK, EngineShared};
 use super::error::{GUEST_STDERR_HEADING, HandleError};
-use super::event_records::{BatchRecords, HandleParams, HandleResults};
+use super::event_records::{
+    BatchRecords, ContractVersion, HandleParams, HandleResults, OperationRecord, OperationV0_1,
+    OperationV0_2,
+};
 use super::guest_output::GuestOutput;
 use super::host_imports::ImportError;
 use super::limits::{CallClock, Limits};
@@ -29,6 +32,8 @@ pub struct HandlerInstance {
     _engine: Arc<EngineShared>,
     store: Store<StoreState>,
     handle: Func,
+    /// The contract version `handle` was checked against at instantiation.
+    version: ContractVersion,
     stderr: GuestOutput,
     clock: Arc<CallClock>,
     limits: Limits,
@@ -40,7 +45,7 @@ impl HandlerInstance {
     pub(crate) fn new(
         engine: Arc<EngineShared>,
         store: Store<StoreState>,
-        handle: Func,
+        (handle, version): (Func, ContractVersion),
         stderr: GuestOutput,
         clock: Arc<CallClock>,
         limits: Limits,
@@ -50,6 +55,7 @@ impl HandlerInstance {
             _engine: engine,
             store,
             handle,
+            version,
             stderr,
             clock,
             limits,
@@ -88,11 +94,22 @@ impl HandlerInstance {
         if self.poisoned {
             return Err(HandleError::Poisoned);
         }
+        match self.version {
+            ContractVersion::V0_1 => self.call::<OperationV0_1>(events).await,
+            ContractVersion::V0_2 => self.call::<OperationV0_2>(events).await,
+        }
+    }
+
+    /// [`handle`](Self::handle) with the records of one contract version.
+    async fn call<O: OperationRecord>(
+        &mut self,
+        events: &[ChangeEvent],
+    ) -> Result<(), HandleError> {
         let batch = BatchRecords::new(events);
-        let records = batch.events(events);
+        let records = batch.events::<O>(events);
         let typed = match self
             .handle
-            .typed::<HandleParams<'_>, HandleResults>(&self.store)
+            .typed::<HandleParams<'_, O>, HandleResults>(&self.store)
         {
             Ok(typed) => typed,
             // Checked at instantiation; cannot fail unless wasmtime changed underneath.
@@ -177,7 +194,7 @@ mod throughput_tests {
 
     use bytes::Bytes;
 
-    use super::super::bindings::pgstream::handler::types as wit;
+    use super::super::bindings::pgstream::handler0_2_0::types as wit;
     use super::super::{EngineOptions, HostImports, PluginEngine};
     use super::*;
     use crate::event::{Column, Operation, Relation, Value};
@@ -192,6 +209,9 @@ mod throughput_tests {
             Err(ImportError::refused("unused"))
         }
         async fn upsert(&self, _: Vec<Point>) -> Result<(), ImportError> {
+            Err(ImportError::refused("unused"))
+        }
+        async fn merge(&self, _: Vec<Point>) -> Result<(), ImportError> {
             Err(ImportError::refused("unused"))
         }
         async fn delete(&self, _: Vec<PointKey>) -> Result<(), ImportError> {
@@ -222,10 +242,11 @@ mod throughput_tests {
         };
         wit::ChangeEvent {
             operation: match event.operation {
-                Operation::Insert | Operation::Read => wit::Operation::Insert,
+                Operation::Insert => wit::Operation::Insert,
                 Operation::Update => wit::Operation::Update,
                 Operation::Delete => wit::Operation::Delete,
                 Operation::Truncate => wit::Operation::Truncate,
+                Operation::Read => wit::Operation::Read,
             },
             schema: event.relation.schema.clone(),
             table: event.relation.table.clone(),

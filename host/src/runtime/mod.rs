@@ -27,6 +27,7 @@ mod plugin;
 
 pub use engine::{EngineOptions, PluginEngine};
 pub use error::{HandleError, RuntimeError};
+pub use event_records::ContractVersion;
 pub use host_imports::{HostImports, ImportError, ImportErrorKind};
 pub use instance::HandlerInstance;
 pub use limits::Limits;

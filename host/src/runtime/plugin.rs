@@ -16,7 +16,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::engine::{EPOCH_TICK, EngineShared};
 use super::error::RuntimeError;
-use super::event_records::{HandleParams, HandleResults};
+use super::event_records::{
+    ContractVersion, HandleParams, HandleResults, OperationV0_1, OperationV0_2,
+};
 use super::guest_output::{GuestOutput, StreamKind};
 use super::host_imports::{HostImports, HostState};
 use super::instance::HandlerInstance;
@@ -40,6 +42,7 @@ struct PluginInner {
     digest: PluginDigest,
     instance_pre: InstancePre<StoreState>,
     handle_export: ComponentExportIndex,
+    version: ContractVersion,
 }
 
 /// Epoch ticks (10 ms each) a handler call may compute at full speed. Handlers that do real
@@ -110,6 +113,7 @@ impl Plugin {
         digest: PluginDigest,
         instance_pre: InstancePre<StoreState>,
         handle_export: ComponentExportIndex,
+        version: ContractVersion,
     ) -> Plugin {
         Plugin {
             inner: Arc::new(PluginInner {
@@ -118,6 +122,7 @@ impl Plugin {
                 digest,
                 instance_pre,
                 handle_export,
+                version,
             }),
         }
     }
@@ -130,6 +135,11 @@ impl Plugin {
     /// What the file held when it was loaded.
     pub fn digest(&self) -> PluginDigest {
         self.inner.digest
+    }
+
+    /// The version of the WIT contract the component was built against.
+    pub fn contract_version(&self) -> ContractVersion {
+        self.inner.version
     }
 
     /// Loads the plugin's file again, with the same engine (and compiled-component cache), as
@@ -220,13 +230,19 @@ impl Plugin {
             .get_func(&mut store, self.inner.handle_export)
             .ok_or_else(|| mismatch(wasmtime::format_err!("no `handle` export")))?;
         // Checks, once, that `handle` has exactly the WIT type the borrowed records lower to.
-        handle
-            .typed::<HandleParams<'_>, HandleResults>(&store)
-            .map_err(mismatch)?;
+        match self.inner.version {
+            ContractVersion::V0_1 => handle
+                .typed::<HandleParams<'_, OperationV0_1>, HandleResults>(&store)
+                .map(drop),
+            ContractVersion::V0_2 => handle
+                .typed::<HandleParams<'_, OperationV0_2>, HandleResults>(&store)
+                .map(drop),
+        }
+        .map_err(mismatch)?;
         Ok(HandlerInstance::new(
             self.inner.engine.clone(),
             store,
-            handle,
+            (handle, self.inner.version),
             stderr,
             clock,
             limits,
@@ -239,6 +255,7 @@ impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
             .field("path", &self.inner.path)
+            .field("version", &self.inner.version)
             .finish_non_exhaustive()
     }
 }

@@ -3,7 +3,9 @@
 //! inspected (what exactly did my handler write?) and tested on servers without pgvector.
 //!
 //! Line shapes: `{"op":"upsert","schema":..,"table":..,"key":[..],"vector":[..]|null,"payload":{..}}`,
-//! `{"op":"delete","schema":..,"table":..,"key":[..]}`, `{"op":"delete_table","schema":..,"table":..}`.
+//! `{"op":"merge","schema":..,"table":..,"key":[..],"vector":[..]|null,"payload":{..}}` (the
+//! points of one call folded per key), `{"op":"delete","schema":..,"table":..,"key":[..]}`,
+//! `{"op":"delete_table","schema":..,"table":..}`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -13,6 +15,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use serde_json::{Value as Json, json};
 
+use super::merge_fold::fold_merges;
 use crate::point::{Point, PointKey};
 use crate::sink::{Sink, SinkError};
 
@@ -69,6 +72,21 @@ fn key_fields(key: &PointKey) -> (String, String, Json) {
 impl Sink for JsonLinesSink {
     async fn prepare(&self, _dimensions: usize) -> Result<(), SinkError> {
         Ok(())
+    }
+
+    async fn merge(&self, points: &[Point]) -> Result<(), SinkError> {
+        let lines = fold_merges(points)?.into_iter().map(|merged| {
+            let (schema, table, key) = key_fields(merged.key);
+            json!({
+                "op": "merge",
+                "schema": schema,
+                "table": table,
+                "key": key,
+                "vector": merged.vector,
+                "payload": Json::Object(merged.payload),
+            })
+        });
+        self.append(lines)
     }
 
     async fn upsert(&self, points: &[Point]) -> Result<(), SinkError> {

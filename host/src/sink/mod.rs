@@ -2,6 +2,7 @@
 //! trait; each store is its own module.
 
 mod jsonl;
+mod merge_fold;
 mod pgvector;
 mod qdrant;
 
@@ -49,6 +50,15 @@ pub trait Sink: Send + Sync {
 
     /// Inserts or replaces points. A point without a vector keeps its stored vector.
     async fn upsert(&self, points: &[Point]) -> Result<(), SinkError>;
+
+    /// Writes points like [`upsert`](Sink::upsert), but merges each payload (a JSON object)
+    /// into the stored one: its keys replace or add the stored keys of the same name, the
+    /// other stored keys stay. A point with a vector replaces the stored vector, or is created
+    /// with just these keys; one without keeps the stored vector, and is skipped with a
+    /// warning when the store does not have the point. Points apply in slice order (of two
+    /// writes of one point, the later one's keys and vector win). A payload that is not a JSON
+    /// object is rejected before anything is written. Idempotent.
+    async fn merge(&self, points: &[Point]) -> Result<(), SinkError>;
 
     /// Deletes points by key.
     async fn delete(&self, keys: &[PointKey]) -> Result<(), SinkError>;

@@ -26,6 +26,7 @@ use pgvector::Vector;
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use tokio_postgres::types::ToSql;
 
+use super::merge_fold::{MergedPoint, fold_merges};
 use crate::point::{Point, PointKey};
 use crate::sink::{Sink, SinkError};
 
@@ -208,6 +209,28 @@ impl<'a> PointColumns<'a> {
     }
 }
 
+/// The columns of folded merges, like [`PointColumns`]; payloads are the folded objects.
+struct MergeColumns<'a> {
+    schemas: Vec<&'a str>,
+    tables: Vec<&'a str>,
+    keys: Vec<String>,
+    payloads: Vec<String>,
+}
+
+impl<'a> MergeColumns<'a> {
+    fn new(points: &[&MergedPoint<'a>]) -> MergeColumns<'a> {
+        MergeColumns {
+            schemas: points.iter().map(|p| p.key.schema.as_str()).collect(),
+            tables: points.iter().map(|p| p.key.table.as_str()).collect(),
+            keys: points.iter().map(|p| key_json(p.key)).collect(),
+            payloads: points
+                .iter()
+                .map(|p| serde_json::to_string(&p.payload).unwrap_or_default())
+                .collect(),
+        }
+    }
+}
+
 /// SQL turning a key sent as a JSON array of strings (see [`PointColumns::keys`]) back into
 /// the `text[]` stored in `source_key`, elements in their original order.
 fn key_array(json_column: &str) -> String {
@@ -345,6 +368,81 @@ impl Sink for PgVectorSink {
         let transaction = client.transaction().await.map_err(classify)?;
         self.insert_with_vectors(&transaction, &with_vector).await?;
         self.update_payloads(&transaction, &payload_only).await?;
+        transaction.commit().await.map_err(classify)
+    }
+
+    async fn merge(&self, points: &[Point]) -> Result<(), SinkError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let merged = fold_merges(points)?;
+        let (with_vector, payload_only): (Vec<&MergedPoint<'_>>, Vec<&MergedPoint<'_>>) =
+            merged.iter().partition(|point| point.vector.is_some());
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(classify)?;
+        // jsonb `||` of two objects keeps the left's keys and lets the right's replace them.
+        if !with_vector.is_empty() {
+            let columns = MergeColumns::new(&with_vector);
+            let vectors: Vec<Vector> = with_vector
+                .iter()
+                .map(|point| Vector::from(point.vector.unwrap_or_default().to_vec()))
+                .collect();
+            let statement = format!(
+                "INSERT INTO {table} AS t (source_schema, source_table, source_key, embedding, payload)
+                 SELECT s, tb, {key_k}, e, p::jsonb
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::vector[], $5::text[])
+                      AS x(s, tb, k, e, p)
+                 ON CONFLICT (source_schema, source_table, source_key) DO UPDATE
+                 SET embedding = EXCLUDED.embedding, payload = t.payload || EXCLUDED.payload,
+                     updated_at = now()",
+                table = self.qualified,
+                key_k = key_array("k")
+            );
+            transaction
+                .execute(
+                    &statement,
+                    &[
+                        &columns.schemas as &(dyn ToSql + Sync),
+                        &columns.tables,
+                        &columns.keys,
+                        &vectors,
+                        &columns.payloads,
+                    ],
+                )
+                .await
+                .map_err(classify)?;
+        }
+        if !payload_only.is_empty() {
+            let columns = MergeColumns::new(&payload_only);
+            let statement = format!(
+                "UPDATE {table} AS t SET payload = t.payload || x.p::jsonb, updated_at = now()
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(s, tb, k, p)
+                 WHERE t.source_schema = x.s AND t.source_table = x.tb
+                   AND t.source_key = {key_x_k}",
+                table = self.qualified,
+                key_x_k = key_array("x.k")
+            );
+            let updated = transaction
+                .execute(
+                    &statement,
+                    &[
+                        &columns.schemas as &(dyn ToSql + Sync),
+                        &columns.tables,
+                        &columns.keys,
+                        &columns.payloads,
+                    ],
+                )
+                .await
+                .map_err(classify)?;
+            if updated != payload_only.len() as u64 {
+                tracing::warn!(
+                    table = %self.qualified,
+                    skipped = payload_only.len() as u64 - updated,
+                    "payload merges for points that have no stored vector were skipped; those \
+                     rows get a point when their embedded text next changes"
+                );
+            }
+        }
         transaction.commit().await.map_err(classify)
     }
 

@@ -21,16 +21,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use qdrant_client::qdrant::{
     Condition, CreateCollection, CreateFieldIndexCollection, DeletePoints, Distance, FieldType,
-    Filter, GetPoints, PointId, PointStruct, PointsIdsList, PointsSelector, PointsUpdateOperation,
-    Query, QueryPoints, UpdateBatchPoints, UpdateResult, UpdateStatus, Value, VectorInput,
-    VectorParams, VectorsConfig, WithPayloadSelector, WithVectorsSelector, point_id,
-    points_selector, points_update_operation, vectors_config,
+    Filter, GetPoints, PointId, PointStruct, PointVectors, PointsIdsList, PointsSelector,
+    PointsUpdateOperation, Query, QueryPoints, UpdateBatchPoints, UpdateResult, UpdateStatus,
+    Value, VectorInput, VectorParams, VectorsConfig, WithPayloadSelector, WithVectorsSelector,
+    point_id, points_selector, points_update_operation, vectors_config,
 };
 use qdrant_client::{Qdrant, QdrantError};
 use serde_json::Value as Json;
 use tonic::Code;
 use uuid::Uuid;
 
+use super::merge_fold::fold_merges;
 use crate::point::{Point, PointKey};
 use crate::sink::{SearchHit, Sink, SinkError};
 
@@ -802,6 +803,90 @@ impl Sink for QdrantSink {
                     },
                 )),
             });
+        }
+        self.update_batch(request.take()).await
+    }
+
+    async fn merge(&self, points: &[Point]) -> Result<(), SinkError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let merged = fold_merges(points)?;
+        // Qdrant fails a payload or vector write to a missing point ("No point with id ..
+        // found"), so the stored points are looked up first: those get `set_payload` (and
+        // `update_vectors`), missing ones with a vector are created, missing ones without are
+        // skipped, as a payload-only upsert is.
+        let ids: Vec<PointId> = merged.iter().map(|point| grpc_id(point.key)).collect();
+        let existing = self.existing_ids(&ids).await?;
+        let mut request = BatchRequest::new(self.options.max_request_bytes);
+        let mut skipped = 0;
+        // Each key appears once, so the operations of different points commute.
+        for (point, id) in merged.into_iter().zip(ids) {
+            let text = serde_json::to_string(&point.payload).unwrap_or_default();
+            let size = approximate_size(point.vector.map_or(0, <[f32]>::len), &text);
+            let stored = existing.contains(&id);
+            if !stored && point.vector.is_none() {
+                skipped += 1;
+                continue;
+            }
+            if let Some(full) = request.make_room(size) {
+                self.update_batch(full).await?;
+            }
+            let mut fields: HashMap<String, Value> = point
+                .payload
+                .into_iter()
+                // The source fields say which row the point is; a payload cannot move it.
+                .filter(|(name, _)| {
+                    ![SCHEMA_FIELD, TABLE_FIELD, KEY_FIELD].contains(&name.as_str())
+                })
+                .map(|(name, value)| (name, value.into()))
+                .collect();
+            match point.vector {
+                // Only a stored point gets here without a vector (see above).
+                Some(vector) if !stored => {
+                    fields.insert(SCHEMA_FIELD.to_owned(), point.key.schema.clone().into());
+                    fields.insert(TABLE_FIELD.to_owned(), point.key.table.clone().into());
+                    fields.insert(KEY_FIELD.to_owned(), point.key.key.clone().into());
+                    request.points.push(PointStruct {
+                        id: Some(id),
+                        payload: fields,
+                        vectors: Some(vector.to_vec().into()),
+                    });
+                }
+                vector => {
+                    request.finish_upsert();
+                    if let Some(vector) = vector {
+                        request.operations.push(PointsUpdateOperation {
+                            operation: Some(points_update_operation::Operation::UpdateVectors(
+                                points_update_operation::UpdateVectors {
+                                    points: vec![PointVectors {
+                                        id: Some(id.clone()),
+                                        vectors: Some(vector.to_vec().into()),
+                                    }],
+                                    ..Default::default()
+                                },
+                            )),
+                        });
+                    }
+                    request.operations.push(PointsUpdateOperation {
+                        operation: Some(points_update_operation::Operation::SetPayload(
+                            points_update_operation::SetPayload {
+                                payload: fields,
+                                points_selector: Some(id_selector(vec![id])),
+                                ..Default::default()
+                            },
+                        )),
+                    });
+                }
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                collection = %self.options.collection,
+                skipped,
+                "payload merges for points that have no stored vector were skipped; those \
+                 rows get a point when their embedded text next changes"
+            );
         }
         self.update_batch(request.take()).await
     }

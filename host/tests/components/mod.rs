@@ -17,3 +17,15 @@ pub fn wasm(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A component kept in `tests/fixtures/` as it was built against an earlier WIT version
+/// (`handler-0.1.0/<name>.wasm`): the proof that old components keep working unmodified.
+#[allow(
+    dead_code,
+    reason = "not every test crate that includes this module loads a fixture"
+)]
+pub fn fixture(path: &str) -> PathBuf {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(path);
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}

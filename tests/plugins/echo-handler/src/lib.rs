@@ -31,6 +31,7 @@ fn event_json(event: &ChangeEvent) -> Json {
         Operation::Update => "update",
         Operation::Delete => "delete",
         Operation::Truncate => "truncate",
+        Operation::Read => "read",
     };
     json!({
         "operation": operation,

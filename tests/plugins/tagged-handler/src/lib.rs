@@ -70,7 +70,7 @@ impl Handler for TaggedHandler {
         let mut writes = Writes::default();
         for event in events {
             match event.operation {
-                Operation::Insert | Operation::Update => {
+                Operation::Insert | Operation::Update | Operation::Read => {
                     let key = event.point_key()?;
                     if let Some(old_key) = event.old_point_key().filter(|old| *old != key) {
                         writes.delete(old_key)?;

@@ -53,7 +53,7 @@ js-types: $(NODE_TOOLS_STAMP)
 define js-component
 	mkdir -p $(JS_BUILD) $(WASM_DIR)
 	$(if $(2),$(TSC) -p $(2))
-	$(ROLLDOWN) $(1) --format esm --platform neutral --external pgstream:handler/host@0.1.0 \
+	$(ROLLDOWN) $(1) --format esm --platform neutral --external pgstream:handler/host@0.2.0 \
 		--file $(JS_BUILD)/$(3).js --log-level warn
 	$(COMPONENTIZE_QJS) --sync --wit wit --world handler --js $(JS_BUILD)/$(3).js \
 		--output $(WASM_DIR)/$(3).wasm >/dev/null

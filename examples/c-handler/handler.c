@@ -3,19 +3,20 @@
  * handlers in every language do (this file is also what `pgstream-host new --lang c` starts a
  * project with):
  *
- * - insert / update: embeds `content` and upserts the point (keyed by the row's key columns)
- *   with the row as a JSON payload;
- * - update that did not touch a TOASTed `content` (Postgres sends it as unchanged): upserts
- *   without a vector, so the store keeps the embedding and replaces only the payload;
+ * - insert / update / read (a row a backfill delivers): embeds `content` and writes the point
+ *   (keyed by the row's key columns) with the row, `content` included, as its JSON payload, so
+ *   retrieval can read the text back from the store;
+ * - update that left some TOASTed column unchanged (Postgres did not send it): the payload
+ *   lacks that column, so it is merged into the stored payload instead of replacing it and
+ *   the stored value survives; when `content` itself is unchanged the stored vector is kept;
  * - update that changed the key: deletes the point of the old key;
  * - `content` NULL or blank (empty or only ASCII whitespace): deletes the point (there is
  *   nothing to embed);
  * - delete: deletes the point; truncate: deletes every point of the table.
  *
- * The payload is the row without `content`: the vector stands for it, and leaving it out makes
- * a payload-only update exact. A batch costs one `embed` and one `upsert` call (plus one
- * `delete` if anything was deleted), whatever its size: the plan collapses it to the last
- * action per row. pgstream.h documents the helper.
+ * A batch costs one `embed` and one `upsert` call (plus one `merge` and one `delete` when
+ * needed), whatever its size: the plan collapses it to the last action per row. pgstream.h
+ * documents the helper.
  */
 #include "pgstream.h"
 
@@ -39,7 +40,8 @@ static bool plan_event(pgs_plan_t *plan, const pgs_event_t *event, pgs_error_t *
     pgs_point_key_t key, old_key;
     switch (event->operation) {
     case PGS_INSERT:
-    case PGS_UPDATE: {
+    case PGS_UPDATE:
+    case PGS_READ: {
         if (!pgs_point_key(event, &key, err)) return PGS_TRACE(err);
         if (pgs_old_point_key(event, &old_key)) {
             if (pgs_point_key_eq(&old_key, &key))
@@ -49,18 +51,20 @@ static bool plan_event(pgs_plan_t *plan, const pgs_event_t *event, pgs_error_t *
         }
         pgs_string_t content;
         pgs_field_t field = pgs_get_text(pgs_row(event), CONTENT, &content);
+        /* Blank text has no meaning to embed, and OpenAI-compatible servers refuse empty input:
+         * such a row gets no point. */
+        if (field == PGS_VALUE && is_blank(content)) field = PGS_NULL;
         switch (field) {
         case PGS_VALUE:
-            /* Blank text has no meaning to embed, and OpenAI-compatible servers refuse empty
-             * input: such a row gets no point. */
-            if (is_blank(content))
-                pgs_plan_delete(plan, key);
+        case PGS_UNCHANGED: {
+            const pgs_string_t *text = field == PGS_VALUE ? &content : NULL;
+            pgs_string_t payload = pgs_row_json(event, NULL, 0);
+            if (pgs_is_partial(event))
+                pgs_plan_merge(plan, key, text, payload);
             else
-                pgs_plan_upsert(plan, key, &content, pgs_row_json(event, &CONTENT, 1));
+                pgs_plan_upsert(plan, key, text, payload);
             return true;
-        case PGS_UNCHANGED:
-            pgs_plan_upsert(plan, key, NULL, pgs_row_json(event, &CONTENT, 1));
-            return true;
+        }
         case PGS_NULL:
             pgs_plan_delete(plan, key);
             return true;

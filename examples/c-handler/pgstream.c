@@ -580,19 +580,40 @@ pgs_string_t pgs_row_json(const pgs_event_t *event, const char *const *skip, siz
     return b.s;
 }
 
+bool pgs_is_partial(const pgs_event_t *event) {
+    const pgs_row_t *row = pgs_row(event), *old = pgs_old_row(event);
+    for (size_t i = 0; i < row->len; i++) {
+        if (row->ptr[i].value.tag != PGSTREAM_HANDLER_TYPES_VALUE_UNCHANGED) continue;
+        bool known = false;
+        for (size_t j = 0; old && j < old->len && !known; j++)
+            known = strings_equal(old->ptr[j].name, row->ptr[i].name) &&
+                    old->ptr[j].value.tag != PGSTREAM_HANDLER_TYPES_VALUE_UNCHANGED;
+        if (!known) return true;
+    }
+    return false;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* The write plan                                                                           */
 
-enum action_kind { ACTION_UPSERT, ACTION_DELETE, ACTION_DROPPED };
+enum action_kind { ACTION_WRITE, ACTION_DELETE, ACTION_DROPPED };
 
 struct pgs_action {
     enum action_kind kind;
     uint32_t hash;
     pgs_point_key_t key;
-    /* Upsert: the text to embed, when has_text; else the stored vector is kept. */
+    /* Write: the text to embed, when has_text; else the stored vector is kept. */
     bool has_text;
     pgs_string_t text;
+    /* Write: delete the stored point first (it was deleted earlier in the batch and is now
+     * written by merges only, which must not meet its old payload). */
+    bool delete_first;
+    /* Write: the payload that replaces the stored one (upsert), when has_payload. */
+    bool has_payload;
     pgs_string_t payload;
+    /* Write: payloads merged in after it (merge), in order. */
+    pgs_string_t *merges;
+    size_t merges_len, merges_cap;
 };
 
 void pgs_plan_init(pgs_plan_t *plan) { memset(plan, 0, sizeof *plan); }
@@ -642,8 +663,27 @@ static void reindex(pgs_plan_t *plan, size_t want) {
 
 static void action_release(struct pgs_action *action) {
     pgs_point_key_release(&action->key);
-    if (action->kind == ACTION_UPSERT) handler_string_free(&action->payload);
+    if (action->kind == ACTION_WRITE) {
+        if (action->has_payload) handler_string_free(&action->payload);
+        for (size_t i = 0; i < action->merges_len; i++) handler_string_free(&action->merges[i]);
+        free(action->merges);
+    }
     action->kind = ACTION_DROPPED;
+}
+
+static void merges_push(struct pgs_action *action, pgs_string_t payload) {
+    if (action->merges_len == action->merges_cap) {
+        action->merges_cap = action->merges_cap ? action->merges_cap * 2 : 2;
+        action->merges = grow(action->merges, action->merges_cap * sizeof *action->merges);
+    }
+    action->merges[action->merges_len++] = payload;
+}
+
+/* The action recorded for `key`, or NULL. */
+static struct pgs_action *plan_find(pgs_plan_t *plan, const pgs_point_key_t *key, uint32_t hash) {
+    if (plan->slots_cap == 0) return NULL;
+    uint32_t entry = plan->slots[find_slot(plan, key, hash)];
+    return entry == 0 ? NULL : &plan->actions[entry - 1];
 }
 
 /* Records `next` as the action of its point: replaces the point's earlier action in place
@@ -654,7 +694,7 @@ static void plan_set(pgs_plan_t *plan, struct pgs_action next) {
     if (plan->slots[slot] != 0) {
         struct pgs_action *current = &plan->actions[plan->slots[slot] - 1];
         /* A kept vector after a pending embed in this batch: the embed still has to happen. */
-        if (next.kind == ACTION_UPSERT && !next.has_text && current->kind == ACTION_UPSERT &&
+        if (next.kind == ACTION_WRITE && !next.has_text && current->kind == ACTION_WRITE &&
             current->has_text) {
             next.has_text = true;
             next.text = current->text;
@@ -674,13 +714,43 @@ static void plan_set(pgs_plan_t *plan, struct pgs_action next) {
 
 void pgs_plan_upsert(pgs_plan_t *plan, pgs_point_key_t key, const pgs_string_t *text,
                      pgs_string_t payload) {
-    struct pgs_action action = {ACTION_UPSERT, key_hash(&key), key, text != NULL,
-                                text ? *text : (pgs_string_t){NULL, 0}, payload};
+    struct pgs_action action = {.kind = ACTION_WRITE,
+                                .hash = key_hash(&key),
+                                .key = key,
+                                .has_text = text != NULL,
+                                .text = text ? *text : (pgs_string_t){NULL, 0},
+                                .has_payload = true,
+                                .payload = payload};
+    plan_set(plan, action);
+}
+
+void pgs_plan_merge(pgs_plan_t *plan, pgs_point_key_t key, const pgs_string_t *text,
+                    pgs_string_t payload) {
+    uint32_t hash = key_hash(&key);
+    struct pgs_action *current = plan_find(plan, &key, hash);
+    if (current && current->kind == ACTION_WRITE) {
+        pgs_point_key_release(&key);
+        if (text) {
+            current->has_text = true;
+            current->text = *text;
+        }
+        merges_push(current, payload);
+        return;
+    }
+    struct pgs_action action = {.kind = ACTION_WRITE,
+                                .hash = hash,
+                                .key = key,
+                                .has_text = text != NULL,
+                                .text = text ? *text : (pgs_string_t){NULL, 0},
+                                /* After a delete in this batch, the merge must not meet the
+                                 * old stored payload. */
+                                .delete_first = current != NULL};
+    merges_push(&action, payload);
     plan_set(plan, action);
 }
 
 void pgs_plan_delete(pgs_plan_t *plan, pgs_point_key_t key) {
-    struct pgs_action action = {ACTION_DELETE, key_hash(&key), key, false, {NULL, 0}, {NULL, 0}};
+    struct pgs_action action = {.kind = ACTION_DELETE, .hash = key_hash(&key), .key = key};
     plan_set(plan, action);
 }
 
@@ -714,24 +784,29 @@ bool pgs_plan_execute(pgs_plan_t *plan, pgs_error_t *err) {
                                                 err))
             return false;
 
-    size_t deletes = 0, upserts = 0, texts = 0;
+    size_t deletes = 0, upserts = 0, merges = 0, texts = 0;
     for (size_t i = 0; i < plan->actions_len; i++) {
         const struct pgs_action *action = &plan->actions[i];
-        deletes += action->kind == ACTION_DELETE;
-        upserts += action->kind == ACTION_UPSERT;
-        texts += action->kind == ACTION_UPSERT && action->has_text;
+        bool write = action->kind == ACTION_WRITE;
+        deletes += action->kind == ACTION_DELETE || (write && action->delete_first);
+        upserts += write && action->has_payload;
+        merges += write ? action->merges_len : 0;
+        texts += write && action->has_text;
     }
     /* The call arguments are shallow copies: the host only reads them. */
     pgstream_handler_host_list_point_key_t keys = {grow(NULL, deletes * sizeof *keys.ptr), 0};
     handler_list_string_t text_list = {grow(NULL, texts * sizeof *text_list.ptr), 0};
     pgstream_handler_host_list_point_t points = {grow(NULL, upserts * sizeof *points.ptr), 0};
+    pgstream_handler_host_list_point_t merged = {grow(NULL, merges * sizeof *merged.ptr), 0};
     pgstream_handler_host_list_vector_t vectors = {NULL, 0};
     bool ok = true;
 
     for (size_t i = 0; i < plan->actions_len; i++) {
         const struct pgs_action *action = &plan->actions[i];
-        if (action->kind == ACTION_DELETE) keys.ptr[keys.len++] = action->key;
-        if (action->kind == ACTION_UPSERT && action->has_text)
+        if (action->kind == ACTION_DELETE ||
+            (action->kind == ACTION_WRITE && action->delete_first))
+            keys.ptr[keys.len++] = action->key;
+        if (action->kind == ACTION_WRITE && action->has_text)
             text_list.ptr[text_list.len++] = action->text;
     }
     if (keys.len) ok = pgstream_handler_host_delete(&keys, err);
@@ -747,16 +822,32 @@ bool pgs_plan_execute(pgs_plan_t *plan, pgs_error_t *err) {
         size_t next_vector = 0;
         for (size_t i = 0; i < plan->actions_len; i++) {
             const struct pgs_action *action = &plan->actions[i];
-            if (action->kind != ACTION_UPSERT) continue;
-            pgstream_handler_host_point_t *point = &points.ptr[points.len++];
-            point->key = action->key;
-            point->vector.is_some = action->has_text;
-            if (action->has_text) point->vector.val = vectors.ptr[next_vector++];
-            point->payload = action->payload;
+            if (action->kind != ACTION_WRITE) continue;
+            /* The vector goes with the point's upsert when it has one, else its first merge. */
+            bool vector_pending = action->has_text;
+            if (action->has_payload) {
+                pgstream_handler_host_point_t *point = &points.ptr[points.len++];
+                point->key = action->key;
+                point->vector.is_some = vector_pending;
+                if (vector_pending) point->vector.val = vectors.ptr[next_vector];
+                point->payload = action->payload;
+                vector_pending = false;
+            }
+            for (size_t m = 0; m < action->merges_len; m++) {
+                pgstream_handler_host_point_t *point = &merged.ptr[merged.len++];
+                point->key = action->key;
+                point->vector.is_some = vector_pending;
+                if (vector_pending) point->vector.val = vectors.ptr[next_vector];
+                point->payload = action->merges[m];
+                vector_pending = false;
+            }
+            next_vector += action->has_text;
         }
         if (points.len) ok = pgstream_handler_host_upsert(&points, err);
+        if (ok && merged.len) ok = pgstream_handler_host_merge(&merged, err);
     }
     pgstream_handler_host_list_vector_free(&vectors);
+    free(merged.ptr);
     free(points.ptr);
     free(text_list.ptr);
     free(keys.ptr);

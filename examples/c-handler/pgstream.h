@@ -53,6 +53,8 @@ typedef pgstream_handler_types_error_t pgs_error_t;
 #define PGS_UPDATE PGSTREAM_HANDLER_TYPES_OPERATION_UPDATE
 #define PGS_DELETE PGSTREAM_HANDLER_TYPES_OPERATION_DELETE
 #define PGS_TRUNCATE PGSTREAM_HANDLER_TYPES_OPERATION_TRUNCATE
+/* A row a backfill delivers: treat it as an upsert. */
+#define PGS_READ PGSTREAM_HANDLER_TYPES_OPERATION_READ
 
 /* Log levels for pgs_log. */
 #define PGS_LOG_TRACE PGSTREAM_HANDLER_TYPES_LOG_LEVEL_TRACE
@@ -169,6 +171,11 @@ void pgs_point_key_release(pgs_point_key_t *key);
  * it with handler_string_free, or hand it to a plan. */
 pgs_string_t pgs_row_json(const pgs_event_t *event, const char *const *skip, size_t skip_len);
 
+/* Whether pgs_row_json leaves a column out for want of its value: the update left it unchanged
+ * (TOASTed, not sent) and the old row does not have it. Write such a row with pgs_plan_merge,
+ * so the stored value of the missing column survives. */
+bool pgs_is_partial(const pgs_event_t *event);
+
 /* Appends the JSON for one non-null value of type `type_oid` (as pgs_row_json writes it) to
  * the heap string `*out` (which may start as {NULL, 0}). */
 void pgs_json_append_value(pgs_string_t *out, pgs_string_t text, uint32_t type_oid);
@@ -179,8 +186,9 @@ void pgs_json_append_value(pgs_string_t *out, pgs_string_t text, uint32_t type_o
 /* The writes of one batch, collapsed to the last action per point. A batch is ordered (a row
  * inserted then deleted must end up deleted, a truncate wipes what came before it), so the
  * plan records it in order, keeps the last action per point, and pgs_plan_execute runs:
- * delete-table per truncated table, one delete, one embed, one upsert. That gives the same
- * result as replaying the events one by one. Texts and table names are borrowed from the
+ * delete-table per truncated table, one delete, one embed, one upsert, one merge. That gives
+ * the same result as replaying the events one by one (a point upserted then merged in one
+ * batch is in both calls, and the merge runs after the upsert). Texts and table names are borrowed from the
  * events; keys and payloads handed to the plan are owned by it. */
 typedef struct pgs_plan {
     struct pgs_action *actions;
@@ -195,12 +203,20 @@ typedef struct pgs_plan {
 
 /* An empty plan (also `pgs_plan_t plan = {0};`). */
 void pgs_plan_init(pgs_plan_t *plan);
-/* Writes the point `key` with `payload`, embedding `*text` for its vector. With `text` NULL
- * the stored vector is kept (the embedded text did not change); if this batch already embeds
- * a text for the point, that text is kept and only the payload replaced. Takes `key` and
- * `payload`; `text` must outlive the plan (it normally points into the event). */
+/* Writes the point `key` with `payload`, which replaces the stored payload, embedding `*text`
+ * for its vector. With `text` NULL the stored vector is kept (the embedded text did not
+ * change); if this batch already embeds a text for the point, that text is kept. Takes `key`
+ * and `payload`; `text` must outlive the plan (it normally points into the event). */
 void pgs_plan_upsert(pgs_plan_t *plan, pgs_point_key_t key, const pgs_string_t *text,
                      pgs_string_t payload);
+/* Writes the point `key` merging `payload` (a JSON object) into the stored payload: its keys
+ * replace or add those of the same name, the stored point's other keys stay. For a row whose
+ * payload is partial (pgs_is_partial), so a column the update left unchanged keeps its stored
+ * value. `text` as for pgs_plan_upsert. A point the store does not have is created from
+ * `payload` when there is a text to embed, and skipped (with a warning in the host's log)
+ * otherwise. Takes `key` and `payload`. */
+void pgs_plan_merge(pgs_plan_t *plan, pgs_point_key_t key, const pgs_string_t *text,
+                    pgs_string_t payload);
 /* Deletes the point `key`. Takes `key`. */
 void pgs_plan_delete(pgs_plan_t *plan, pgs_point_key_t key);
 /* Deletes every point of schema.table and forgets the writes planned for it so far. */

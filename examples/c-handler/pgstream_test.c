@@ -110,6 +110,22 @@ bool pgstream_handler_host_upsert(pgstream_handler_host_list_point_t *points,
     return true;
 }
 
+bool pgstream_handler_host_merge(pgstream_handler_host_list_point_t *points,
+                                 pgstream_handler_host_error_t *err) {
+    (void)err;
+    record("merge(");
+    for (size_t i = 0; i < points->len; i++) {
+        const pgstream_handler_host_point_t *p = &points->ptr[i];
+        record("%s", i ? " " : "");
+        record_key(&p->key);
+        if (p->vector.is_some)
+            record("=v%g", (double)p->vector.val.ptr[0]);
+        record(":%.*s", PGS_STR(p->payload));
+    }
+    record(") ");
+    return true;
+}
+
 bool pgstream_handler_host_delete(pgstream_handler_host_list_point_key_t *keys,
                                   pgstream_handler_host_error_t *err) {
     (void)err;
@@ -302,6 +318,23 @@ static void row_json_fills_unchanged_from_the_old_row_and_skips_columns(void) {
     handler_string_free(&json);
 }
 
+static void a_row_is_partial_when_an_unchanged_column_has_no_old_value(void) {
+    pgs_column_t cols[] = {text_col("id", PGS_OID_INT4, "5"), unchanged_col("content", PGS_OID_TEXT)};
+    pgs_column_t key_only[] = {text_col("id", PGS_OID_INT4, "5")};
+    pgs_column_t full[] = {text_col("id", PGS_OID_INT4, "5"), text_col("content", PGS_OID_TEXT, "kept")};
+    pgs_event_t e = event(PGS_UPDATE, cols, N(cols));
+    CHECK(pgs_is_partial(&e));
+    e.old_row.is_some = true;
+    e.old_row.val.ptr = key_only;
+    e.old_row.val.len = N(key_only);
+    CHECK(pgs_is_partial(&e));
+    e.old_row.val.ptr = full;
+    e.old_row.val.len = N(full);
+    CHECK(!pgs_is_partial(&e));
+    pgs_event_t sent = event(PGS_UPDATE, full, N(full));
+    CHECK(!pgs_is_partial(&sent));
+}
+
 static void point_keys_follow_key_order_and_refuse_missing_values(void) {
     pgs_column_t cols[] = {text_col("id", PGS_OID_INT4, "5"), text_col("tenant", PGS_OID_TEXT, "acme")};
     pgs_string_t key_columns[] = {s("tenant"), s("id")};
@@ -381,6 +414,30 @@ static void plan_keeps_the_last_action_per_point(void) {
     CHECK(live_allocations == 0);
 }
 
+/* The same sequence as the Rust SDK's test of the same name: the calls must match. */
+static void merges_follow_the_upsert_of_their_point_and_take_its_text(void) {
+    pgs_string_t first = s("first"), second = s("second"), third = s("third");
+    pgs_plan_t plan = {0};
+    pgs_plan_upsert(&plan, key_of("docs", "1"), &first, payload("{\"v\":1}"));
+    pgs_plan_merge(&plan, key_of("docs", "1"), NULL, payload("{\"n\":1}"));
+    pgs_plan_merge(&plan, key_of("docs", "2"), NULL, payload("{\"n\":2}"));
+    pgs_plan_merge(&plan, key_of("docs", "2"), &second, payload("{\"n\":3}"));
+    pgs_plan_delete(&plan, key_of("docs", "3"));
+    pgs_plan_merge(&plan, key_of("docs", "3"), &third, payload("{\"n\":4}"));
+    pgs_plan_merge(&plan, key_of("docs", "4"), NULL, payload("{\"n\":5}"));
+    pgs_plan_upsert(&plan, key_of("docs", "4"), NULL, payload("{\"v\":4}"));
+    calls[0] = '\0';
+    pgs_error_t err;
+    CHECK(pgs_plan_execute(&plan, &err));
+    CHECK(strcmp(calls, "delete(public.docs[3]) embed(first,second,third) "
+                        "upsert(public.docs[1]=v0:{\"v\":1} public.docs[4]:{\"v\":4}) "
+                        "merge(public.docs[1]:{\"n\":1} public.docs[2]=v1:{\"n\":2} "
+                        "public.docs[2]:{\"n\":3} public.docs[3]=v2:{\"n\":4}) ") == 0);
+    if (failed) fprintf(stderr, "calls: %s\n", calls);
+    pgs_plan_free(&plan);
+    CHECK(live_allocations == 0);
+}
+
 static void truncate_drops_earlier_writes_of_its_table_only(void) {
     pgs_string_t a = s("a"), b = s("b"), c = s("c");
     pgs_plan_t plan = {0};
@@ -435,6 +492,8 @@ int main(void) {
     point_keys_follow_key_order_and_refuse_missing_values();
     errors_carry_their_locations();
     plan_keeps_the_last_action_per_point();
+    merges_follow_the_upsert_of_their_point_and_take_its_text();
+    a_row_is_partial_when_an_unchanged_column_has_no_old_value();
     truncate_drops_earlier_writes_of_its_table_only();
     many_points_and_a_failing_host_free_everything();
     printf("%d passed, %d failed\n", passed, failed);

@@ -21,8 +21,8 @@
 // any exception into the WIT `error` result with the message and the JS stack, so the host's
 // log says what failed and where, and the host retries the batch on a fresh instance.
 
-import type { ChangeEvent, Column, Point, PointKey } from "pgstream:handler/types@0.1.0";
-import * as host from "pgstream:handler/host@0.1.0";
+import type { ChangeEvent, Column, Point, PointKey } from "pgstream:handler/types@0.2.0";
+import * as host from "pgstream:handler/host@0.2.0";
 
 export type { ChangeEvent, Column, Point, PointKey };
 
@@ -330,6 +330,17 @@ export function rowJson(event: ChangeEvent, options: RowJsonOptions = {}): strin
   return `{${parts.join(",")}}`;
 }
 
+/** Whether `rowJson` leaves a column out for want of its value: the update left it unchanged
+ *  (TOASTed, not sent) and the old row does not have it. Write such a row with
+ *  `WritePlan.merge`, so the stored value of the missing column survives. */
+export function isPartial(event: ChangeEvent): boolean {
+  return event.row.some((column) => {
+    if (column.value.tag !== "unchanged") return false;
+    const old = event.oldRow?.find((candidate) => candidate.name === column.name);
+    return !old || old.value.tag === "unchanged";
+  });
+}
+
 const JSON_NUMBER = /^-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?$/;
 
 /** One non-null value of type `oid` as JSON text. */
@@ -354,7 +365,18 @@ function jsonValue(text: string, oid: number): string {
 }
 
 type Action =
-  | { kind: "upsert"; key: PointKey; text: string | null; payload: string }
+  | {
+      kind: "write";
+      key: PointKey;
+      text: string | null;
+      /** Delete the stored point first: it was deleted earlier in the batch and is now
+       *  written by merges only, which must not meet its old payload. */
+      deleteFirst: boolean;
+      /** The payload that replaces the stored one (`upsert`), if any. */
+      payload: string | null;
+      /** Payloads merged in after it (`merge`), in order. */
+      merges: string[];
+    }
   | { kind: "delete"; key: PointKey }
   | { kind: "dropped" };
 
@@ -362,9 +384,18 @@ function mapKey(key: PointKey): string {
   return JSON.stringify([key.schema, key.table, key.key]);
 }
 
+/** One write of a plan: a point and the index of its text among the embedded ones. */
+interface PlannedWrite {
+  key: PointKey;
+  textIndex: number | null;
+  payload: string;
+}
+
 /** The writes of one batch, collapsed to the last action per point, then run as one
- *  `delete-table` per truncated table, one `delete`, one `embed` and one `upsert`: the same
- *  outcome as replaying the events one by one, with a handful of host calls per batch. */
+ *  `delete-table` per truncated table, one `delete`, one `embed`, one `upsert` and one
+ *  `merge`: the same outcome as replaying the events one by one (a point upserted then merged
+ *  in one batch is in both calls, and the merge runs after the upsert), with a handful of host
+ *  calls per batch. */
 export class WritePlan {
   private truncated: [string, string][] = [];
   private actions: Action[] = [];
@@ -382,16 +413,38 @@ export class WritePlan {
     }
   }
 
-  /** Writes the point `key` with `payload`, embedding `text` for its vector. With `text`
-   *  null the stored vector is kept (the embedded text did not change); if this batch already
-   *  embeds a text for the point, that text is kept and only the payload replaced. */
+  private pending(key: PointKey): Action | undefined {
+    const position = this.index.get(mapKey(key));
+    return position === undefined ? undefined : this.actions[position];
+  }
+
+  /** Writes the point `key` with `payload`, which replaces the stored payload, embedding
+   *  `text` for its vector. With `text` null the stored vector is kept (the embedded text did
+   *  not change); if this batch already embeds a text for the point, that text is kept. */
   upsert(key: PointKey, text: string | null, payload: string): void {
     if (text === null) {
-      const position = this.index.get(mapKey(key));
-      const pending = position === undefined ? undefined : this.actions[position];
-      if (pending?.kind === "upsert") text = pending.text;
+      const pending = this.pending(key);
+      if (pending?.kind === "write") text = pending.text;
     }
-    this.set(key, { kind: "upsert", key, text, payload });
+    this.set(key, { kind: "write", key, text, deleteFirst: false, payload, merges: [] });
+  }
+
+  /** Writes the point `key` merging `payload` (a JSON object) into the stored payload: its
+   *  keys replace or add those of the same name, the stored point's other keys stay. For a
+   *  row whose payload is partial (`isPartial`), so a column the update left unchanged keeps
+   *  its stored value. `text` as for `upsert`. A point the store does not have is created
+   *  from `payload` when there is a text to embed, and skipped (with a warning in the host's
+   *  log) otherwise. */
+  merge(key: PointKey, text: string | null, payload: string): void {
+    const pending = this.pending(key);
+    if (pending?.kind === "write") {
+      if (text !== null) pending.text = text;
+      pending.merges.push(payload);
+    } else {
+      // After a delete in this batch, the merge must not meet the old stored payload.
+      const deleteFirst = pending?.kind === "delete";
+      this.set(key, { kind: "write", key, text, deleteFirst, payload: null, merges: [payload] });
+    }
   }
 
   /** Deletes the point `key`. */
@@ -419,24 +472,34 @@ export class WritePlan {
   }
 
   /** Runs the plan: `deleteTable` per truncated table, then at most one `delete`, one
-   *  `embed` and one `upsert`. Throws at the first host error. */
+   *  `embed`, one `upsert` and one `merge`. Throws at the first host error. */
   execute(): void {
     for (const [schema, table] of this.truncated) {
       hostCall("delete-table", () => host.deleteTable(schema, table));
     }
     const deletes: PointKey[] = [];
     const texts: string[] = [];
-    const upserts: { key: PointKey; textIndex: number | null; payload: string }[] = [];
+    const upserts: PlannedWrite[] = [];
+    const merges: PlannedWrite[] = [];
     for (const action of this.actions) {
       if (action.kind === "delete") {
         deletes.push(action.key);
-      } else if (action.kind === "upsert") {
+      } else if (action.kind === "write") {
         let textIndex: number | null = null;
         if (action.text !== null) {
           textIndex = texts.length;
           texts.push(action.text);
         }
-        upserts.push({ key: action.key, textIndex, payload: action.payload });
+        if (action.deleteFirst) deletes.push(action.key);
+        // The vector goes with the point's upsert when it has one, else with its first merge.
+        if (action.payload !== null) {
+          upserts.push({ key: action.key, textIndex, payload: action.payload });
+          textIndex = null;
+        }
+        for (const payload of action.merges) {
+          merges.push({ key: action.key, textIndex, payload });
+          textIndex = null;
+        }
       }
     }
     if (deletes.length > 0) hostCall("delete", () => host.delete(deletes));
@@ -444,13 +507,19 @@ export class WritePlan {
     if (vectors.length !== texts.length) {
       throw new Error(`embed returned ${vectors.length} vectors for ${texts.length} texts`);
     }
-    if (upserts.length > 0) {
-      const points: Point[] = upserts.map(({ key, textIndex, payload }) => ({
+    const points = (writes: PlannedWrite[]): Point[] =>
+      writes.map(({ key, textIndex, payload }) => ({
         key,
         vector: textIndex === null ? null : vectors[textIndex],
         payload,
       }));
-      hostCall("upsert", () => host.upsert(points));
+    if (upserts.length > 0) {
+      const written = points(upserts);
+      hostCall("upsert", () => host.upsert(written));
+    }
+    if (merges.length > 0) {
+      const merged = points(merges);
+      hostCall("merge", () => host.merge(merged));
     }
   }
 }

@@ -66,6 +66,7 @@ __all__ = [
     "log_error",
     "log_info",
     "log_warn",
+    "merge",
     "row_json",
     "upsert",
 ]
@@ -377,7 +378,8 @@ class Event:
 
     @property
     def operation(self) -> Operation:
-        """What happened: `Operation.INSERT`, `UPDATE`, `DELETE` or `TRUNCATE`."""
+        """What happened: `Operation.INSERT`, `UPDATE`, `DELETE`, `TRUNCATE` or `READ` (a row
+        a backfill delivers: treat it as an upsert)."""
         return self.raw.operation
 
     @property
@@ -449,6 +451,20 @@ class Event:
         takes its value from the old row when the old row has it (REPLICA IDENTITY FULL) and
         is left out otherwise; columns named in `skip` are left out."""
         return row_json(self.raw.row, self.raw.old_row, skip)
+
+    def is_partial(self) -> bool:
+        """Whether `row_json` leaves a column out for want of its value: the update left it
+        unchanged (TOASTed, not sent) and the old row does not have it. Write such a row with
+        `WritePlan.merge`, so the stored value of the missing column survives."""
+        old_values = {}
+        if self.raw.old_row is not None:
+            old_values = {old.name: old.value for old in self.raw.old_row}
+        for column in self.raw.row:
+            if isinstance(column.value, _types.Value_Unchanged):
+                old = old_values.get(column.name)
+                if old is None or isinstance(old, _types.Value_Unchanged):
+                    return True
+        return False
 
     def __repr__(self) -> str:
         return (
@@ -532,6 +548,13 @@ def upsert(points: list[Point]) -> None:
     _call("upsert", _host.upsert, points)
 
 
+def merge(points: list[Point]) -> None:
+    """Writes points like `upsert`, but merges each payload (a JSON object) into the stored one
+    instead of replacing it; a point without a vector keeps its stored vector (idempotent).
+    Raises `HostError`."""
+    _call("merge", _host.merge, points)
+
+
 def delete(keys: list[PointKey]) -> None:
     """Deletes points; absent keys are ignored (idempotent). Raises `HostError`."""
     _call("delete", _host.delete, keys)
@@ -577,28 +600,54 @@ class WritePlan:
     A batch is ordered (a row inserted then deleted must end up deleted; a truncate wipes what
     came before it), so calls cannot simply be grouped by kind. The plan records the batch in
     order, keeps only the last action per point, and `execute` then runs: `delete-table` per
-    truncated table, one `delete`, one `embed`, one `upsert`. Because each point appears once
-    and truncates run first, that gives the same result as replaying the events one by one.
+    truncated table, one `delete`, one `embed`, one `upsert`, one `merge`. Because each point
+    appears once (a point upserted then merged in one batch is in both calls, and the merge
+    runs after the upsert) and truncates run first, that gives the same result as replaying
+    the events one by one.
     """
 
     __slots__ = ("_truncated", "_actions")
 
     def __init__(self) -> None:
         self._truncated: list[tuple[str, str]] = []
-        # (schema, table, key) -> ("upsert", PointKey, text or None, payload) or ("delete", PointKey).
+        # (schema, table, key) -> ("delete", PointKey) or
+        # ("write", PointKey, text or None, delete first, upsert payload or None, merge payloads).
         # A dict keeps insertion order, and replacing a value keeps the original position.
         self._actions: dict[tuple[str, str, tuple[str, ...]], tuple] = {}
 
     def upsert(self, key: PointKey, text: Optional[str], payload: str) -> None:
-        """Writes the point `key` with `payload`, embedding `text` for its vector. With `text`
-        `None` the stored vector is kept (the embedded text did not change); if this batch
-        already embeds a text for the point, that text is kept and only the payload replaced."""
+        """Writes the point `key` with `payload`, which replaces the stored payload, embedding
+        `text` for its vector. With `text` `None` the stored vector is kept (the embedded text
+        did not change); if this batch already embeds a text for the point, that text is kept."""
         point = (key.schema, key.table, tuple(key.key))
         if text is None:
             pending = self._actions.get(point)
-            if pending is not None and pending[0] == "upsert":
+            if pending is not None and pending[0] == "write":
                 text = pending[2]
-        self._actions[point] = ("upsert", key, text, payload)
+        self._actions[point] = ("write", key, text, False, payload, [])
+
+    def merge(self, key: PointKey, text: Optional[str], payload: str) -> None:
+        """Writes the point `key` merging `payload` (a JSON object) into the stored payload:
+        its keys replace or add those of the same name, the stored point's other keys stay.
+        For a row whose payload is partial (`Event.is_partial`), so a column the update left
+        unchanged keeps its stored value. `text` as for `upsert`. A point the store does not
+        have is created from `payload` when there is a text to embed, and skipped (with a
+        warning in the host's log) otherwise."""
+        point = (key.schema, key.table, tuple(key.key))
+        pending = self._actions.get(point)
+        if pending is not None and pending[0] == "write":
+            _, _, planned, delete_first, upsert_payload, merges = pending
+            self._actions[point] = (
+                "write",
+                key,
+                planned if text is None else text,
+                delete_first,
+                upsert_payload,
+                merges + [payload],
+            )
+        else:
+            # After a delete in this batch, the merge must not meet the old stored payload.
+            self._actions[point] = ("write", key, text, pending is not None, None, [payload])
 
     def delete(self, key: PointKey) -> None:
         """Deletes the point `key`."""
@@ -618,28 +667,39 @@ class WritePlan:
     def __bool__(self) -> bool:
         return bool(self._truncated or self._actions)
 
-    def calls(self) -> tuple[list[tuple[str, str]], list[PointKey], list[str], list[tuple]]:
+    def calls(
+        self,
+    ) -> tuple[list[tuple[str, str]], list[PointKey], list[str], list[tuple], list[tuple]]:
         """The host calls the plan makes: tables to empty, keys to delete, texts to embed, and
-        upserts as `(key, index of its text or None, payload)`."""
+        upserts and merges as `(key, index of its text or None, payload)` (a point's text goes
+        with its upsert when it has one, else with its first merge)."""
         deletes: list[PointKey] = []
         texts: list[str] = []
         upserts: list[tuple] = []
+        merges: list[tuple] = []
         for action in self._actions.values():
             if action[0] == "delete":
                 deletes.append(action[1])
                 continue
-            _, key, text, payload = action
+            _, key, text, delete_first, upsert_payload, merge_payloads = action
             index = None
             if text is not None:
                 index = len(texts)
                 texts.append(text)
-            upserts.append((key, index, payload))
-        return list(self._truncated), deletes, texts, upserts
+            if delete_first:
+                deletes.append(key)
+            if upsert_payload is not None:
+                upserts.append((key, index, upsert_payload))
+                index = None
+            for payload in merge_payloads:
+                merges.append((key, index, payload))
+                index = None
+        return list(self._truncated), deletes, texts, upserts, merges
 
     def execute(self) -> None:
         """Runs the plan: `delete-table` per truncated table, then at most one `delete`, one
-        `embed` and one `upsert`. Stops at the first host error (`HostError`)."""
-        truncated, deletes, texts, upserts = self.calls()
+        `embed`, one `upsert` and one `merge`. Stops at the first host error (`HostError`)."""
+        truncated, deletes, texts, upserts, merges = self.calls()
         for schema, table in truncated:
             delete_table(schema, table)
         if deletes:
@@ -647,13 +707,17 @@ class WritePlan:
         vectors = embed(texts) if texts else []
         if len(vectors) != len(texts):
             raise HostError("embed", f"returned {len(vectors)} vectors for {len(texts)} texts")
+
+        def points(writes: list[tuple]) -> list[Point]:
+            return [
+                Point(key, None if index is None else vectors[index], payload)
+                for key, index, payload in writes
+            ]
+
         if upserts:
-            upsert(
-                [
-                    Point(key, None if index is None else vectors[index], payload)
-                    for key, index, payload in upserts
-                ]
-            )
+            upsert(points(upserts))
+        if merges:
+            merge(points(merges))
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ try {
     "// componentize-qjs' value mapping). Do not edit: run `make js-types` after changing the WIT.",
     "//",
     "// The module names are the ones a handler imports the host functions from:",
-    '//   import { embed, upsert, log } from "pgstream:handler/host@0.1.0";',
+    '//   import { embed, upsert, log } from "pgstream:handler/host@0.2.0";',
     "// The handler module exports `handle(events)`; to fail a batch it throws an object with a",
     "// `message` (the WIT `error`), which `handler()` in pgstream.ts does for any exception.",
     "",

@@ -5,7 +5,7 @@
 #
 # 1. tsc type-checks the TypeScript against types/pgstream-handler.d.ts (the WIT, as TS);
 # 2. rolldown bundles handler.ts and its imports into build/{{name}}.js, one ES module (the
-#    host functions, `pgstream:handler/host@0.1.0`, stay imports: the component provides them);
+#    host functions, `pgstream:handler/host@0.2.0`, stay imports: the component provides them);
 # 3. componentize-qjs embeds that module in the QuickJS engine and writes the component.
 #
 # Tools: from `npm install` (./node_modules/.bin), or wherever these variables point:
@@ -30,7 +30,7 @@ done
 
 mkdir -p build
 "$tsc" -p .
-"$rolldown" handler.ts --format esm --platform neutral --external pgstream:handler/host@0.1.0 \
+"$rolldown" handler.ts --format esm --platform neutral --external pgstream:handler/host@0.2.0 \
   --file build/{{name}}.js --log-level warn
 # --sync: a component without the component-model async ABI, which pgstream-host runs.
 "$componentize" --sync --wit "$wit" --world handler --js build/{{name}}.js --output {{name}}.wasm >/dev/null

@@ -1,4 +1,4 @@
-// Stands in for the `pgstream:handler/host@0.1.0` imports when the helper's tests run in Node:
+// Stands in for the `pgstream:handler/host@0.2.0` imports when the helper's tests run in Node:
 // records every call, answers `embed` with one short vector per text, and throws the way
 // QuickJS throws a host error (an Error whose `payload` is the WIT error record) when told to.
 
@@ -33,6 +33,10 @@ export function embed(texts) {
 
 export function upsert(points) {
   record("upsert", [points]);
+}
+
+export function merge(points) {
+  record("merge", [points]);
 }
 
 function _delete(keys) {

@@ -12,6 +12,7 @@ import {
   UNCHANGED,
   WritePlan,
   handler,
+  isPartial,
   oldPointKey,
   parseTimestamp,
   pointKey,
@@ -183,6 +184,54 @@ test("WritePlan keeps the last action per point and kept vectors keep the pendin
       ],
     ],
   ]);
+});
+
+test("WritePlan merges follow the upsert of their point and take its text", () => {
+  // The same sequence as the Rust SDK's test of the same name: the calls must match.
+  fakeHost.reset();
+  const plan = new WritePlan();
+  plan.upsert(key("docs", "1"), "first", '{"v":1}');
+  plan.merge(key("docs", "1"), null, '{"n":1}');
+  plan.merge(key("docs", "2"), null, '{"n":2}');
+  plan.merge(key("docs", "2"), "second", '{"n":3}');
+  plan.delete(key("docs", "3"));
+  plan.merge(key("docs", "3"), "third", '{"n":4}');
+  plan.merge(key("docs", "4"), null, '{"n":5}');
+  plan.upsert(key("docs", "4"), null, '{"v":4}');
+  plan.execute();
+  assert.deepEqual(fakeHost.calls, [
+    ["delete", [key("docs", "3")]],
+    ["embed", ["first", "second", "third"]],
+    [
+      "upsert",
+      [
+        { key: key("docs", "1"), vector: [5, 0.5], payload: '{"v":1}' },
+        { key: key("docs", "4"), vector: null, payload: '{"v":4}' },
+      ],
+    ],
+    [
+      "merge",
+      [
+        { key: key("docs", "1"), vector: null, payload: '{"n":1}' },
+        { key: key("docs", "2"), vector: [6, 0.5], payload: '{"n":2}' },
+        { key: key("docs", "2"), vector: null, payload: '{"n":3}' },
+        { key: key("docs", "3"), vector: [5, 0.5], payload: '{"n":4}' },
+      ],
+    ],
+  ]);
+});
+
+test("isPartial says when rowJson lacks an unchanged column", () => {
+  const row = [
+    { name: "id", typeOid: TypeOid.INT4, value: { tag: "text", val: "5" } },
+    { name: "content", typeOid: TypeOid.TEXT, value: { tag: "unchanged" } },
+  ];
+  const base = { operation: "update", schema: "public", table: "docs", keyColumns: ["id"] };
+  assert.equal(isPartial({ ...base, row, oldRow: undefined }), true);
+  assert.equal(isPartial({ ...base, row, oldRow: [row[0]] }), true);
+  const kept = { name: "content", typeOid: TypeOid.TEXT, value: { tag: "text", val: "kept" } };
+  assert.equal(isPartial({ ...base, row, oldRow: [row[0], kept] }), false);
+  assert.equal(isPartial({ ...base, row: [row[0], kept], oldRow: undefined }), false);
 });
 
 test("WritePlan truncate drops earlier writes of its table only", () => {

@@ -8,6 +8,6 @@ export default {
   input: here("./pgstream.test.mjs"),
   platform: "node",
   external: [/^node:/],
-  resolve: { alias: { "pgstream:handler/host@0.1.0": here("./fake-host.mjs") } },
+  resolve: { alias: { "pgstream:handler/host@0.2.0": here("./fake-host.mjs") } },
   output: { file: process.env.PGSTREAM_JS_TEST_OUT, format: "esm" },
 };

@@ -2,11 +2,11 @@
 // componentize-qjs' value mapping). Do not edit: run `make js-types` after changing the WIT.
 //
 // The module names are the ones a handler imports the host functions from:
-//   import { embed, upsert, log } from "pgstream:handler/host@0.1.0";
+//   import { embed, upsert, log } from "pgstream:handler/host@0.2.0";
 // The handler module exports `handle(events)`; to fail a batch it throws an object with a
 // `message` (the WIT `error`), which `handler()` in pgstream.ts does for any exception.
 
-declare module 'pgstream:handler/types@0.1.0' {
+declare module 'pgstream:handler/types@0.2.0' {
   /**
    * What happened to a row.
    * # Variants
@@ -24,8 +24,14 @@ declare module 'pgstream:handler/types@0.1.0' {
    * ## `"truncate"`
    * 
    * The whole table was emptied; `row` is empty. One event per truncated table.
+   * ## `"read"`
+   * 
+   * A row as a backfill read it (an existing row, or one re-delivered on request);
+   * `row` holds it. Treat it as an upsert: it may arrive after an update of the same
+   * row was already delivered (it is never older than what was delivered before it),
+   * and a delete may arrive for a row that was never read. Added in 0.2.0.
    */
-  export type Operation = 'insert' | 'update' | 'delete' | 'truncate';
+  export type Operation = 'insert' | 'update' | 'delete' | 'truncate' | 'read';
   /**
    * The value of one column.
    */
@@ -177,7 +183,7 @@ declare module 'pgstream:handler/types@0.1.0' {
   }
 }
 
-declare module 'pgstream:handler/host@0.1.0' {
+declare module 'pgstream:handler/host@0.2.0' {
   /**
    * Embeds texts with the pipeline's embedding model. The result has one vector per
    * text, in the same order. One call takes at most 100,000 texts and 64 MiB of text.
@@ -187,6 +193,17 @@ declare module 'pgstream:handler/host@0.1.0' {
    * Inserts or replaces points. Idempotent.
    */
   export function upsert(points: Array<Point>): void;
+  /**
+   * Writes points like `upsert`, except that each payload, a JSON object, is merged into
+   * the stored one instead of replacing it: its keys replace or add the stored keys of the
+   * same name, the other stored keys stay. For an update that left a TOASTed column
+   * `unchanged`: leave that column out and its stored value survives. A point with a
+   * vector replaces the stored vector (or is created, with just these keys, when the store
+   * does not have it); one without keeps the stored vector (and is skipped with a warning
+   * in the log when the store does not have it). Points apply in list order: of two writes
+   * of one point, the later one's keys and vector win. Idempotent. Added in 0.2.0.
+   */
+  export function merge(points: Array<Point>): void;
   /**
    * Deletes points; keys that do not exist are ignored. Idempotent.
    */
@@ -200,18 +217,18 @@ declare module 'pgstream:handler/host@0.1.0' {
    * Writes a line to the host's log, tagged with the pipeline and plugin name.
    */
   export function log(level: LogLevel, message: string): void;
-  export type Vector = import('pgstream:handler/types@0.1.0').Vector;
-  export type Point = import('pgstream:handler/types@0.1.0').Point;
-  export type PointKey = import('pgstream:handler/types@0.1.0').PointKey;
-  export type LogLevel = import('pgstream:handler/types@0.1.0').LogLevel;
-  export type Error = import('pgstream:handler/types@0.1.0').Error;
+  export type Vector = import('pgstream:handler/types@0.2.0').Vector;
+  export type Point = import('pgstream:handler/types@0.2.0').Point;
+  export type PointKey = import('pgstream:handler/types@0.2.0').PointKey;
+  export type LogLevel = import('pgstream:handler/types@0.2.0').LogLevel;
+  export type Error = import('pgstream:handler/types@0.2.0').Error;
 }
 
-declare module 'pgstream:handler/handler@0.1.0' {
-  export type ChangeEvent = import('pgstream:handler/types@0.1.0').ChangeEvent;
-  export type Error = import('pgstream:handler/types@0.1.0').Error;
-  export type * as PgstreamHandlerHost010 from 'pgstream:handler/host@0.1.0'; // import pgstream:handler/host@0.1.0
-  export type * as PgstreamHandlerTypes010 from 'pgstream:handler/types@0.1.0'; // import pgstream:handler/types@0.1.0
+declare module 'pgstream:handler/handler@0.2.0' {
+  export type ChangeEvent = import('pgstream:handler/types@0.2.0').ChangeEvent;
+  export type Error = import('pgstream:handler/types@0.2.0').Error;
+  export type * as PgstreamHandlerHost020 from 'pgstream:handler/host@0.2.0'; // import pgstream:handler/host@0.2.0
+  export type * as PgstreamHandlerTypes020 from 'pgstream:handler/types@0.2.0'; // import pgstream:handler/types@0.2.0
   /**
   * Handles one batch of changes, in commit order. A batch may hold several small
   * transactions or part of a large one. Returning `ok` means every event was handled;

@@ -83,8 +83,9 @@ SQL
 step "Running the pipeline until it has handled everything written so far"
 host --stop-at-lsn "$(psql -At -c 'SELECT pg_current_wal_lsn()')"
 
-step "The pipeline wrote one 384-dimension vector per document into documents_embeddings"
-psql -c "SELECT source_key AS id, payload->>'title' AS title, vector_dims(embedding) AS dims
+step "The pipeline wrote one 384-dimension vector per document into documents_embeddings, with the row (its text included) as the payload"
+psql -c "SELECT source_key AS id, payload->>'title' AS title, vector_dims(embedding) AS dims,
+                left(payload->>'content', 40) AS text
          FROM documents_embeddings ORDER BY source_key[1]::int"
 
 step "Semantic search: no shared keywords needed"

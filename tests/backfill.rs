@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use pgstream_e2e::tenants::jsonl;
 use pgstream_e2e::{
-    HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline, wait_until,
+    HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline, fixture_path,
+    plugin_path, wait_until,
 };
 use serde_json::Value as Json;
 use tempfile::TempDir;
@@ -37,6 +38,7 @@ macro_rules! on_both_versions {
 on_both_versions!(
     sigkill_mid_backfill_resumes_from_the_last_confirmed_chunk,
     old_handlers_receive_backfilled_rows_as_inserts,
+    current_handlers_receive_backfilled_rows_as_reads,
     where_pause_resume_and_cancel_do_what_they_say,
     a_table_without_a_key_is_refused,
 );
@@ -358,7 +360,27 @@ async fn sigkill_mid_backfill_resumes_from_the_last_confirmed_chunk(version: PgV
     restarted.terminate(Duration::from_secs(30)).await.unwrap();
 }
 
+/// The echo handler built against pgstream:handler@0.1.0 (kept as it was, in
+/// tests/fixtures), which has no `read`, gets backfilled rows as inserts.
 async fn old_handlers_receive_backfilled_rows_as_inserts(version: PgVersion) {
+    backfilled_rows_reach_the_echo_handler_as(
+        version,
+        &fixture_path("handler-0.1.0/echo-handler.wasm"),
+        "insert",
+    )
+    .await;
+}
+
+/// The echo handler built against the current WIT gets them as `read`.
+async fn current_handlers_receive_backfilled_rows_as_reads(version: PgVersion) {
+    backfilled_rows_reach_the_echo_handler_as(version, &plugin_path("echo-handler"), "read").await;
+}
+
+async fn backfilled_rows_reach_the_echo_handler_as(
+    version: PgVersion,
+    plugin: &Path,
+    operation: &str,
+) {
     let db = PgServer::shared(version).create_database().await;
     db.exec(
         "CREATE TABLE notes (id int PRIMARY KEY, body text);
@@ -368,9 +390,10 @@ async fn old_handlers_receive_backfilled_rows_as_inserts(version: PgVersion) {
     let out = TempDir::new().unwrap();
     let sink = out.path().join("echo.jsonl");
     let slot = db.unique_name("pgstream");
-    // The echo handler is built against pgstream:handler@0.1.0, which has no `read`.
     let pipeline = with_jsonl(
-        TestPipeline::new(&db, "notes", "echo-handler").with_args(&["--embedder", "none"]),
+        TestPipeline::new(&db, "notes", "echo-handler")
+            .with_plugin_file(plugin)
+            .with_args(&["--embedder", "none"]),
         &sink,
     )
     .with_slot(&slot);
@@ -388,7 +411,7 @@ async fn old_handlers_receive_backfilled_rows_as_inserts(version: PgVersion) {
     assert_eq!(events.len(), 50);
     let mut ids: Vec<String> = Vec::new();
     for event in &events {
-        assert_eq!(event["operation"], "insert", "{event}");
+        assert_eq!(event["operation"], operation, "{event}");
         assert_eq!(event["table"], "notes");
         ids.push(
             event["row"][0]["value"]["text"]

@@ -490,7 +490,8 @@ async fn ends_in_the_state_the_rust_handler_ends_in(plugin: &'static str) {
 
 /// The points a store would hold after applying a JSON-lines sink's writes in order:
 /// (table, key) -> (payload, vector). An upsert without a vector keeps the stored vector (and
-/// is skipped when there is none, as the pgvector and Qdrant sinks do).
+/// is skipped when there is none, as the pgvector and Qdrant sinks do); a merge merges its
+/// payload's keys into the stored payload, likewise.
 fn replayed_state(path: &Path) -> BTreeMap<(String, String), (Json, Vec<f32>)> {
     let mut points: BTreeMap<(String, String), (Json, Vec<f32>)> = BTreeMap::new();
     for line in jsonl(path) {
@@ -508,6 +509,26 @@ fn replayed_state(path: &Path) -> BTreeMap<(String, String), (Json, Vec<f32>)> {
                     }
                 }
             },
+            Some("merge") => {
+                let Json::Object(keys) = line["payload"].clone() else {
+                    panic!("a merge payload must be an object: {line}");
+                };
+                let vector: Option<Vec<f32>> = line["vector"]
+                    .as_array()
+                    .map(|vector| vector.iter().map(|x| x.as_f64().unwrap() as f32).collect());
+                match (points.get_mut(&point), vector) {
+                    (Some(stored), vector) => {
+                        stored.0.as_object_mut().unwrap().extend(keys);
+                        if let Some(vector) = vector {
+                            stored.1 = vector;
+                        }
+                    }
+                    (None, Some(vector)) => {
+                        points.insert(point, (Json::Object(keys), vector));
+                    }
+                    (None, None) => {}
+                }
+            }
             Some("delete") => {
                 points.remove(&point);
             }
@@ -524,11 +545,12 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
     db.exec(
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);
          ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
-         -- Written before the slot exists: never delivered (no backfill yet).
+         -- Written before the slot exists, and this pipeline skips the backfill: never
+         -- delivered.
          INSERT INTO docs VALUES (100, 'old', repeat('long text ', 500));",
     )
     .await;
-    let pipeline = pipeline(&db, "docs", plugin, Sink::Pgvector);
+    let pipeline = pipeline(&db, "docs", plugin, Sink::Pgvector).with_args(&["--backfill", "skip"]);
     pipeline.setup().await;
     db.exec(
         "INSERT INTO docs VALUES
@@ -538,7 +560,8 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
            (4, 'garden', 'Tomatoes want full sun.'),
            (5, 'empty', NULL),
            (6, 'blank', E' \n\t '),
-           (7, 'emptied', 'Soon an empty string.');
+           (7, 'emptied', 'Soon an empty string.'),
+           (8, 'toasted', repeat('Long toasted text. ', 800));
          UPDATE docs SET content = '' WHERE id = 7;
          UPDATE docs SET content = 'Steep green tea for two minutes.' WHERE id = 2;
          UPDATE docs SET title = 'long runs' WHERE id = 3;
@@ -553,22 +576,43 @@ async fn pgvector_follows_inserts_updates_deletes_and_truncate(plugin: &'static 
     let points = stored_points(&db, "docs").await;
     assert_eq!(
         points.keys().copied().collect::<Vec<_>>(),
-        vec![1, 2, 3],
+        vec![1, 2, 3, 8],
         "deleted rows and rows with NULL or blank content have no point"
     );
     let model = embedder();
+    let toasted = "Long toasted text. ".repeat(800);
     let texts = vec![
         "Bake sourdough bread with a lively starter.".to_owned(),
         "Steep green tea for two minutes.".to_owned(),
         "Build mileage slowly for a marathon.".to_owned(),
+        toasted.clone(),
     ];
     let expected = model.embed(&texts).await.unwrap();
-    for (index, id) in [1i64, 2, 3].iter().enumerate() {
+    for (index, id) in [1i64, 2, 3, 8].iter().enumerate() {
         let (payload, vector) = &points[id];
         assert_close(vector, &expected[index], &format!("vector of row {id}"));
         assert_eq!(payload["id"], *id, "payload of row {id}: {payload}");
+        assert_eq!(
+            payload["content"], texts[index],
+            "the text is kept in the payload"
+        );
     }
     assert_eq!(points[&3].0["title"], "long runs");
+
+    // An update in a later batch that leaves the TOASTed text alone: Postgres does not send
+    // it, the handler merges the other columns, and the stored text and vector survive.
+    db.exec("UPDATE docs SET title = 'toasted, renamed' WHERE id = 8;")
+        .await;
+    pipeline.catch_up().await;
+    let points = stored_points(&db, "docs").await;
+    let (payload, vector) = &points[&8];
+    assert_eq!(payload["title"], "toasted, renamed");
+    assert_eq!(
+        payload["content"],
+        toasted.as_str(),
+        "the full text is still there"
+    );
+    assert_close(vector, &expected[3], "vector of the renamed toasted row");
 
     db.exec(
         "TRUNCATE docs; INSERT INTO docs VALUES (9, 'after', 'A row written after the truncate.');",

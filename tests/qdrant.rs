@@ -577,11 +577,12 @@ async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store:
     db.exec(
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text, content text);
          ALTER TABLE docs ALTER COLUMN content SET STORAGE EXTERNAL;
-         -- Written before the slot exists: never delivered (no backfill yet).
+         -- Written before the slot exists, and this pipeline skips the backfill: never
+         -- delivered.
          INSERT INTO docs VALUES (100, 'old', repeat('long text ', 500));",
     )
     .await;
-    let pipeline = qdrant_pipeline(&db, "docs", &url);
+    let pipeline = qdrant_pipeline(&db, "docs", &url).with_args(&["--backfill", "skip"]);
     let collection = collection(&db);
     store.reset(&collection).await;
     pipeline.setup().await;
@@ -600,7 +601,8 @@ async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store:
     .await;
     pipeline.catch_up().await;
     db.exec(
-        "-- The TOASTed content is not resent: the point keeps its vector, the payload changes.
+        "-- The TOASTed content is not resent: the point keeps its vector and its stored text,
+         -- the other payload keys change.
          UPDATE docs SET title = 'toast, renamed' WHERE id = 6;
          -- Same, for a row with no point: nothing to store, and the pipeline goes on.
          UPDATE docs SET title = 'old, renamed' WHERE id = 100;",
@@ -625,6 +627,10 @@ async fn qdrant_follows_inserts_updates_deletes_and_truncate(url: String, store:
         let (payload, vector) = &points[id];
         assert_close(vector, &expected[index], &format!("vector of row {id}"));
         assert_eq!(payload["id"], *id, "payload of row {id}: {payload}");
+        assert_eq!(
+            payload["content"], texts[index],
+            "the text is kept in the payload"
+        );
     }
     assert_eq!(points[&3].0["title"], "long runs");
     assert_eq!(points[&6].0["title"], "toast, renamed");

@@ -141,7 +141,10 @@ async fn new_project_builds_and_handles_events(language: &str) {
             Some("upsert") => {
                 let vector = line["vector"].as_array().expect("a vector");
                 assert_eq!(vector.len(), 384, "MiniLM vectors: {line}");
-                assert!(line["payload"].get("content").is_none(), "{line}");
+                assert!(
+                    line["payload"]["content"].is_string(),
+                    "the text is kept: {line}"
+                );
                 stored.insert(key.to_string(), line["payload"].clone());
             }
             Some("delete") => {
@@ -153,4 +156,8 @@ async fn new_project_builds_and_handles_events(language: &str) {
     let keys: Vec<&String> = stored.keys().collect();
     assert_eq!(keys, [r#"["1"]"#, r#"["2"]"#], "{lines:#?}");
     assert_eq!(stored[r#"["1"]"#]["title"], "tea");
+    assert_eq!(
+        stored[r#"["1"]"#]["content"],
+        "Steep green tea for two minutes."
+    );
 }

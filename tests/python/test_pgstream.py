@@ -161,6 +161,17 @@ class RowJsonTest(unittest.TestCase):
         )
         self.assertEqual(update.row_json(skip=["content"]), '{"id":7,"body":"old body"}')
 
+    def test_a_row_is_partial_when_an_unchanged_column_has_no_old_value(self):
+        row = [column("id", TypeOid.INT4, "5"), column("content", TypeOid.TEXT, types.Value_Unchanged())]
+        self.assertTrue(event(Operation.UPDATE, row).is_partial())
+        self.assertTrue(
+            event(Operation.UPDATE, row, old_row=[column("id", TypeOid.INT4, "5")]).is_partial()
+        )
+        full_old = [column("id", TypeOid.INT4, "5"), column("content", TypeOid.TEXT, "kept")]
+        self.assertFalse(event(Operation.UPDATE, row, old_row=full_old).is_partial())
+        sent = [column("id", TypeOid.INT4, "5"), column("content", TypeOid.TEXT, "sent")]
+        self.assertFalse(event(Operation.UPDATE, sent).is_partial())
+
 
 class PointKeyTest(unittest.TestCase):
     def test_key_follows_key_column_order_and_rejects_missing_values(self):
@@ -196,8 +207,9 @@ class WritePlanTest(unittest.TestCase):
         plan.delete(key("3"))
         plan.upsert(key("4"), None, '{"only":"payload"}')
 
-        truncated, deletes, texts, upserts = plan.calls()
+        truncated, deletes, texts, upserts, merges = plan.calls()
         self.assertEqual(truncated, [])
+        self.assertEqual(merges, [])
         self.assertEqual(deletes, [key("3")])
         self.assertEqual(texts, ["first", "again"])
         self.assertEqual(
@@ -216,11 +228,36 @@ class WritePlanTest(unittest.TestCase):
         plan.delete(key("9"))
         plan.truncate("public", "docs")
         plan.upsert(key("2"), "c", "{}")
-        truncated, deletes, texts, upserts = plan.calls()
+        truncated, deletes, texts, upserts, _ = plan.calls()
         self.assertEqual(truncated, [("public", "docs")])
         self.assertEqual(deletes, [])
         self.assertEqual(texts, ["b", "c"])
         self.assertEqual(len(upserts), 2)
+
+    def test_merges_follow_the_upsert_of_their_point_and_take_its_text(self):
+        # The same sequence as the Rust SDK's test of the same name: the calls must match.
+        plan = WritePlan()
+        plan.upsert(key("1"), "first", '{"v":1}')
+        plan.merge(key("1"), None, '{"n":1}')
+        plan.merge(key("2"), None, '{"n":2}')
+        plan.merge(key("2"), "second", '{"n":3}')
+        plan.delete(key("3"))
+        plan.merge(key("3"), "third", '{"n":4}')
+        plan.merge(key("4"), None, '{"n":5}')
+        plan.upsert(key("4"), None, '{"v":4}')
+        truncated, deletes, texts, upserts, merges = plan.calls()
+        self.assertEqual(deletes, [key("3")])
+        self.assertEqual(texts, ["first", "second", "third"])
+        self.assertEqual(upserts, [(key("1"), 0, '{"v":1}'), (key("4"), None, '{"v":4}')])
+        self.assertEqual(
+            merges,
+            [
+                (key("1"), None, '{"n":1}'),
+                (key("2"), 1, '{"n":2}'),
+                (key("2"), None, '{"n":3}'),
+                (key("3"), 2, '{"n":4}'),
+            ],
+        )
 
     def test_execute_makes_one_call_of_each_kind_in_order(self):
         calls = []
@@ -231,16 +268,21 @@ class WritePlanTest(unittest.TestCase):
             calls.append(("embed", texts)) or [[float(len(t))] for t in texts]
         )
         host.upsert.side_effect = lambda points: calls.append(("upsert", points))
+        host.merge.side_effect = lambda points: calls.append(("merge", points))
         plan = WritePlan()
         plan.truncate("public", "old")
         plan.upsert(key("1"), "one", "{}")
         plan.delete(key("2"))
         plan.upsert(key("3"), None, '{"p":1}')
         plan.upsert(key("4"), "four!", "{}")
+        plan.merge(key("5"), "five", '{"m":5}')
         with mock.patch.object(pgstream, "_host", host):
             plan.execute()
-        self.assertEqual([call[0] for call in calls], ["delete-table", "delete", "embed", "upsert"])
-        self.assertEqual(calls[2], ("embed", ["one", "four!"]))
+        self.assertEqual(
+            [call[0] for call in calls], ["delete-table", "delete", "embed", "upsert", "merge"]
+        )
+        self.assertEqual(calls[4][1], [types.Point(key("5"), [4.0], '{"m":5}')])
+        self.assertEqual(calls[2], ("embed", ["one", "four!", "five"]))
         self.assertEqual(
             calls[3][1],
             [

@@ -168,6 +168,14 @@ pub fn plugin_dir() -> PathBuf {
     }
 }
 
+/// A component kept in `tests/fixtures/` as it was built against an earlier WIT version, e.g.
+/// `handler-0.1.0/echo-handler.wasm` (see the README there).
+pub fn fixture_path(relative: &str) -> PathBuf {
+    let path = workspace_root().join("tests/fixtures").join(relative);
+    assert!(path.is_file(), "fixture {} is missing", path.display());
+    path
+}
+
 /// The compiled guest component `<name>.wasm`; panics telling to run `make guests` when it is
 /// missing.
 pub fn plugin_path(name: &str) -> PathBuf {

@@ -31,8 +31,8 @@ mod wait;
 mod watchdog;
 
 pub use artifacts::{
-    HOST_BIN_VAR, MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, host_binary,
-    model_dir, plugin_dir, plugin_path, setting, workspace_root,
+    HOST_BIN_VAR, MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, fixture_path,
+    host_binary, model_dir, plugin_dir, plugin_path, setting, workspace_root,
 };
 pub use host_process::HostProcess;
 pub use openai_server::{OpenAiServer, RecordedRequest};

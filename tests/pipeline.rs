@@ -800,3 +800,89 @@ async fn a_looping_plugin_hits_its_time_limit() {
 async fn a_memory_hungry_plugin_hits_its_memory_limit() {
     runaway_plugin_is_stopped_by_its_limit("memory-hog", "exceeded its memory limit").await;
 }
+
+/// The pgvector sink's `merge` on its own, against Postgres 18 with pgvector: jsonb `||` keeps
+/// the stored keys, a vector replaces the stored one or creates the point, a point without
+/// one is skipped when missing, later writes of a point win, and a payload that is not a JSON
+/// object is refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgvector_merge_keeps_stored_keys_and_creates_only_points_it_can_embed() {
+    use pgstream_host::point::{Point, PointKey};
+    use pgstream_host::replication::SourceConfig;
+    use pgstream_host::sink::{PgVectorSink, Sink};
+
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.create_vector_extension().await;
+    let pool = SourceConfig::from_dsn(db.dsn())
+        .unwrap()
+        .pool(2, Duration::from_secs(30))
+        .unwrap();
+    let sink = PgVectorSink::new(pool, "public", "docs_embeddings");
+    sink.prepare(2).await.unwrap();
+    let point = |id: &str, vector: Option<[f32; 2]>, payload: Json| Point {
+        key: PointKey {
+            schema: "public".into(),
+            table: "docs".into(),
+            key: vec![id.into()],
+        },
+        vector: vector.map(Vec::from),
+        payload: payload.to_string(),
+    };
+    sink.upsert(&[
+        point(
+            "1",
+            Some([1.0, 0.0]),
+            serde_json::json!({"id": 1, "content": "long", "title": "a"}),
+        ),
+        point(
+            "2",
+            Some([0.0, 1.0]),
+            serde_json::json!({"id": 2, "content": "text", "title": "b"}),
+        ),
+    ])
+    .await
+    .unwrap();
+
+    sink.merge(&[
+        point("1", None, serde_json::json!({"title": "a2"})),
+        point("2", Some([1.0, 1.0]), serde_json::json!({"content": "new"})),
+        point(
+            "3",
+            Some([0.5, 0.5]),
+            serde_json::json!({"id": 3, "title": "c"}),
+        ),
+        point("4", None, serde_json::json!({"id": 4})),
+        point("1", None, serde_json::json!({"extra": true, "title": "a3"})),
+    ])
+    .await
+    .expect("a missing point without a vector does not fail the merge");
+
+    let points = stored_points(&db, "docs").await;
+    assert_eq!(points.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        points[&1].0,
+        serde_json::json!({"id": 1, "content": "long", "title": "a3", "extra": true})
+    );
+    assert_eq!(
+        points[&1].1,
+        vec![1.0, 0.0],
+        "no vector: the stored one stays"
+    );
+    assert_eq!(
+        points[&2].0,
+        serde_json::json!({"id": 2, "content": "new", "title": "b"})
+    );
+    assert_eq!(points[&2].1, vec![1.0, 1.0]);
+    assert_eq!(points[&3].0, serde_json::json!({"id": 3, "title": "c"}));
+
+    let error = sink
+        .merge(&[
+            point("1", None, serde_json::json!({"title": "never"})),
+            point("2", None, serde_json::json!("a string")),
+        ])
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("JSON object"), "{error}");
+    assert_eq!(stored_points(&db, "docs").await[&1].0["title"], "a3");
+}

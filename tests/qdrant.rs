@@ -225,6 +225,80 @@ async fn a_point_without_vector_replaces_only_the_payload_of_an_existing_point()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_keeps_the_stored_keys_and_creates_only_points_it_can_embed() {
+    let server = FakeQdrant::start().await.unwrap();
+    let sink = prepared_sink(&server, 3).await;
+    sink.upsert(&[
+        point(
+            "docs",
+            "1",
+            Some([1.0, 0.0, 0.0]),
+            json!({"content": "long", "title": "a"}),
+        ),
+        point(
+            "docs",
+            "2",
+            Some([0.0, 1.0, 0.0]),
+            json!({"content": "text", "title": "b"}),
+        ),
+    ])
+    .await
+    .unwrap();
+
+    sink.merge(&[
+        // Stored, no vector: the title changes, the content and the vector stay.
+        point("docs", "1", None, json!({"title": "a2"})),
+        // Stored, with a vector: both change, the other keys stay.
+        point(
+            "docs",
+            "2",
+            Some([0.0, 0.0, 1.0]),
+            json!({"content": "new"}),
+        ),
+        // Missing, with a vector: created with just these keys.
+        point("docs", "3", Some([1.0, 1.0, 0.0]), json!({"title": "c"})),
+        // Missing, no vector: skipped, and the call still succeeds.
+        point("docs", "4", None, json!({"title": "d"})),
+        // A merge cannot move a point to another row.
+        point("docs", "1", None, json!({"_key": ["9"], "extra": true})),
+    ])
+    .await
+    .expect("a missing point without a vector does not fail the merge");
+
+    let points = by_id(&server, "docs");
+    let stored = |id: &str| points.get(&documented_id("public", "docs", &[id])).cloned();
+    let (vector, payload) = stored("1").expect("point 1");
+    assert_eq!(vector, vec![1.0, 0.0, 0.0]);
+    assert_eq!(payload["content"], "long");
+    assert_eq!(payload["title"], "a2");
+    assert_eq!(payload["extra"], true);
+    assert_eq!(payload["_key"], json!(["1"]));
+    let (vector, payload) = stored("2").expect("point 2");
+    assert_eq!(vector, vec![0.0, 0.0, 1.0]);
+    assert_eq!(
+        (&payload["content"], &payload["title"]),
+        (&json!("new"), &json!("b"))
+    );
+    let (vector, payload) = stored("3").expect("point 3");
+    assert_eq!(vector, unit([1.0, 1.0, 0.0]));
+    assert_eq!(payload["title"], "c");
+    assert_eq!(
+        payload["_key"],
+        json!(["3"]),
+        "a created point carries its source"
+    );
+    assert!(stored("4").is_none());
+    assert_eq!(server.unwaited_writes(), 0);
+
+    let error = sink
+        .merge(&[point("docs", "1", None, json!(["not", "an", "object"]))])
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.to_string().contains("JSON object"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletes_by_key_and_truncates_one_table_by_filter() {
     let server = FakeQdrant::start().await.unwrap();
     let sink = prepared_sink(&server, 3).await;

@@ -608,3 +608,108 @@ async fn a_second_backfill_with_the_embed_cache_asks_the_model_nothing() {
     );
     host.terminate(Duration::from_secs(30)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg15_a_backfill_waits_while_the_slot_is_near_its_wal_budget() {
+    backfill_waits_for_wal_room(PgVersion::Pg15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg18_a_backfill_waits_while_the_slot_is_near_its_wal_budget() {
+    backfill_waits_for_wal_room(PgVersion::Pg18).await;
+}
+
+/// The slot's WAL as the backfill reader judges it: retained bytes over what it may retain.
+async fn wal_budget_share(db: &TestDb, slot: &str) -> (f64, String) {
+    let row = db
+        .client()
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::float8, safe_wal_size::float8, wal_status
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    let (retained, safe): (f64, f64) = (row.get(0), row.get(1));
+    (retained / (retained + safe.max(0.0)), row.get(2))
+}
+
+/// A transaction left open elsewhere keeps the slot's restart point where it is, however far
+/// the pipeline confirms: WAL piles up. Before reading a chunk the backfill looks at the slot,
+/// and above 80% of `max_slot_wal_keep_size` it waits instead of adding to the pile; once the
+/// transaction ends and the slot lets go, it goes on and completes.
+async fn backfill_waits_for_wal_room(version: PgVersion) {
+    // A server of its own: the keep size would put every other test's slots at risk.
+    let server = PgServer::start(version).expect("start a server");
+    let admin = server.superuser_client().await;
+    admin
+        .simple_query("ALTER SYSTEM SET max_slot_wal_keep_size = '128MB'")
+        .await
+        .unwrap();
+    admin.simple_query("SELECT pg_reload_conf()").await.unwrap();
+    let db = server.create_database().await;
+    // No `content` column: the echo handler embeds none, and the pipeline has no embedder.
+    db.exec(
+        "CREATE TABLE docs (id int PRIMARY KEY, body text);
+         INSERT INTO docs SELECT g, 'note ' || g FROM generate_series(1, 3000) g;
+         CREATE TABLE filler (x text);",
+    )
+    .await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("echo.jsonl");
+    let slot = db.unique_name("pgstream");
+    let pipeline = with_jsonl(
+        TestPipeline::new(&db, "docs", "echo-handler").with_args(&["--embedder", "none"]),
+        &sink,
+    )
+    .with_slot(&slot);
+    pipeline.setup().await;
+    assert_eq!(
+        backfill_state(&db, &slot).await,
+        Some(("pending".to_owned(), 0))
+    );
+
+    // The open transaction has written, so it has an xid the slot's restart point waits for.
+    let blocker = db.connect().await;
+    blocker
+        .batch_execute("BEGIN; INSERT INTO filler VALUES ('held open')")
+        .await
+        .unwrap();
+    let mut share = 0.0;
+    while share < 0.84 {
+        db.exec(
+            "INSERT INTO filler SELECT repeat(md5(g::text), 32) FROM generate_series(1, 4000) g",
+        )
+        .await;
+        let status;
+        (share, status) = wal_budget_share(&db, &slot).await;
+        assert!(
+            status == "reserved" || status == "extended",
+            "the test must not lose the slot: {status} at share {share:.2}"
+        );
+    }
+
+    let mut host = pipeline.start();
+    host.wait_for_log("backfill waiting", LONG_WAIT)
+        .await
+        .unwrap_or_else(|error| panic!("the backfill waits: {error}\n{}", host.log()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        backfill_state(&db, &slot).await.map(|(_, rows)| rows),
+        Some(0),
+        "no chunk is read while the slot is near its budget"
+    );
+
+    // The transaction ends; a checkpoint logs the running transactions, the pipeline confirms
+    // past them, and the slot lets its WAL go.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    db.exec("CHECKPOINT").await;
+    host.wait_for_log("backfill going on", LONG_WAIT)
+        .await
+        .unwrap_or_else(|error| panic!("the backfill goes on: {error}\n{}", host.log()));
+    wait_for_state(&db, &slot, "done", &host).await;
+    wait_until(LONG_WAIT, || async { jsonl(&sink).len() >= 3_000 })
+        .await
+        .unwrap_or_else(|error| panic!("{error}\n{}", host.log()));
+    host.terminate(Duration::from_secs(30)).await.unwrap();
+}

@@ -10,7 +10,7 @@ GUEST_CARGO_TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/guests
 GUEST_WASM_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/wasm
 GUEST_EXAMPLES := embed-handler noop-handler
 GUEST_TEST_PLUGINS := echo-handler trap-handler loop-handler memory-hog error-handler sandbox-probe \
-	careless-handler trespass-handler hostile-handler
+	careless-handler trespass-handler hostile-handler poison-handler
 GUEST_DIRS := $(addprefix examples/,$(GUEST_EXAMPLES)) $(addprefix tests/plugins/,$(GUEST_TEST_PLUGINS))
 
 .PHONY: guests

@@ -6,6 +6,7 @@
 
 mod backfill;
 mod cli;
+mod dead_letters;
 mod embed_cache;
 mod faults;
 mod harness;

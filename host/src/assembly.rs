@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::config::{EmbedderSpec, PipelineSpec, ProcessSettings, SinkSpec, SpecProblem};
+use crate::dead_letter::{DeadLetterError, DeadLetterStore, OnFailure};
 use crate::embed::{
     ApiKey, CachingEmbedder, DEFAULT_TURN_TEXTS, EmbedCacheOptions, EmbedError, EmbedQuota,
     Embedder, FairShare, MiniLmEmbedder, MiniLmOptions, NoEmbedder, OpenAiConfig, OpenAiEmbedder,
@@ -67,6 +68,9 @@ pub enum AssemblyError {
     /// A blocking task (loading a model, compiling a plugin, opening the cache) panicked.
     #[error("{0} panicked")]
     Panicked(&'static str),
+    /// The dead-letter table could not be read or written.
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// What every pipeline of one process shares. Cheap to share by reference; build it once.
@@ -195,6 +199,10 @@ pub async fn assemble_with_fallback(
     // The pipeline's limits come first: a call over them costs nothing, not even a cache lookup.
     let embedder: Arc<dyn Embedder> = Arc::new(EmbedQuota::new(embedder, spec.embed_limits()));
     let sink = sink(spec, &source_config)?;
+    let dead_letters = match spec.on_failure {
+        OnFailure::Stop => None,
+        OnFailure::DeadLetter => Some(dead_letter_store(spec, &source_config)?),
+    };
     let source = PostgresSource::new(
         &spec.name,
         source_config,
@@ -221,13 +229,118 @@ pub async fn assemble_with_fallback(
             None => return Err(error),
         },
     };
-    Ok(Pipeline::new(
+    let pipeline = Pipeline::new(
         pipeline_config(spec),
         plugin,
         embedder,
         sink,
         Box::new(source),
-    ))
+    );
+    Ok(match dead_letters {
+        Some(store) => pipeline.with_dead_letters(store),
+        None => pipeline,
+    })
+}
+
+/// What a replay of dead letters did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    /// Dead letters the handler and the sink took this time; removed from the table.
+    pub replayed: Vec<i64>,
+    /// Those that failed again, with the error; kept, their attempts counted.
+    pub failed: Vec<(i64, String)>,
+    /// Why the replay stopped before the end (an outage), if it did; the rest stays.
+    pub interrupted: Option<String>,
+}
+
+/// Runs the dead letters of `spec`'s slot (`only` narrows to one) through its current handler
+/// and sink, one event per handler call, oldest first; removes those that succeed and notes a
+/// new failure on the others. Stops at an outage of the embedder or the sink (what is left is
+/// kept for the next replay).
+pub async fn replay_dead_letters(
+    spec: &PipelineSpec,
+    shared: &SharedResources,
+    only: Option<i64>,
+) -> Result<ReplayReport, AssemblyError> {
+    use crate::pipeline::PipelineImports;
+    use crate::runtime::ImportErrorKind;
+
+    let source_config = parse_dsn("source.dsn", spec.source.dsn.expose())?;
+    let store = dead_letter_store(spec, &source_config)?;
+    let letters = store.list(spec.slot_name(), only).await?;
+    let mut report = ReplayReport::default();
+    if letters.is_empty() {
+        return Ok(report);
+    }
+    let embedder = with_cache(spec, shared.embedder(&spec.embedder).await?).await?;
+    let embedder: Arc<dyn Embedder> = Arc::new(EmbedQuota::new(embedder, spec.embed_limits()));
+    let sink = sink(spec, &source_config)?;
+    sink.prepare(embedder.dimensions()).await?;
+    let plugin = load_plugin(shared, &spec.plugin).await?;
+    let imports = Arc::new(PipelineImports::new(embedder, sink, &spec.tables));
+    let limits = pipeline_config(spec).limits;
+    let log_target = format!("{}/dead-letters", spec.name);
+    let instantiate = || async {
+        plugin
+            .instantiate(imports.clone(), limits, &log_target)
+            .await
+            .map_err(|source| AssemblyError::Plugin {
+                path: spec.plugin.clone(),
+                source,
+            })
+    };
+    let mut instance = instantiate().await?;
+    for letter in letters {
+        if instance.is_poisoned() {
+            instance = instantiate().await?;
+        }
+        match instance.handle(std::slice::from_ref(&letter.event)).await {
+            Ok(()) => report.replayed.push(letter.id),
+            Err(error) => {
+                let outage = instance
+                    .last_import_failure()
+                    .is_some_and(|failure| failure.kind == ImportErrorKind::Unavailable);
+                let message = crate::error_chain::one_line(&error);
+                if outage {
+                    report.interrupted = Some(format!(
+                        "the embedder or the sink is unavailable at dead letter {}: {message}",
+                        letter.id
+                    ));
+                    break;
+                }
+                store.failed_again(letter.id, &message).await?;
+                report.failed.push((letter.id, message));
+            }
+        }
+    }
+    store.remove(&report.replayed).await?;
+    Ok(report)
+}
+
+/// The dead-letter table of `spec`: in `dead_letter_dsn`'s database, else the pgvector
+/// sink's, else the source's. Connects lazily.
+pub fn dead_letter_store(
+    spec: &PipelineSpec,
+    source: &SourceConfig,
+) -> Result<DeadLetterStore, AssemblyError> {
+    let (setting, config) = match (&spec.dead_letter_dsn, &spec.sink) {
+        (Some(dsn), _) => (
+            "dead_letter_dsn",
+            parse_dsn("dead_letter_dsn", dsn.expose())?,
+        ),
+        (None, SinkSpec::Pgvector { dsn: Some(dsn), .. }) => {
+            ("sink.dsn", parse_dsn("sink.dsn", dsn.expose())?)
+        }
+        (None, _) => ("source.dsn", source.clone()),
+    };
+    let pool =
+        config
+            .pool(2, Duration::from_secs(60))
+            .map_err(|source| AssemblyError::Database {
+                setting,
+                source: Box::new(source),
+            })?;
+    Ok(DeadLetterStore::new(pool, &config.display()))
 }
 
 /// How the pipeline of `spec` runs, apart from its parts.
@@ -253,6 +366,7 @@ pub fn pipeline_config(spec: &PipelineSpec) -> PipelineConfig {
         },
         stop_at: spec.stop_at_lsn,
         progress_interval: Duration::from_secs(spec.progress_secs),
+        on_failure: spec.on_failure,
     }
 }
 

@@ -22,6 +22,7 @@ pub mod assembly;
 mod backoff;
 pub mod config;
 pub mod coordination;
+pub mod dead_letter;
 pub mod embed;
 pub mod error_chain;
 pub mod event;

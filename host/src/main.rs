@@ -14,6 +14,7 @@ use pgstream_host::config::{
     ConfigFile, EmbedCacheSpec, EmbedderSpec, PipelineSpec, ProcessSettings, Secret, SinkSpec,
 };
 use pgstream_host::coordination::{self, ObservedStatus};
+use pgstream_host::dead_letter::OnFailure;
 use pgstream_host::embed::{
     API_KEY_ENV, DEFAULT_BASE_URL, DEFAULT_MAX_BYTES_PER_CALL, DEFAULT_MAX_TEXTS_PER_CALL,
     DEFAULT_MODEL, FALLBACK_API_KEY_ENV, OpenAiConfig,
@@ -127,6 +128,17 @@ enum PipelineCommand {
         #[arg(long)]
         cancel: bool,
     },
+    /// List, replay or purge the events the pipeline dead-lettered (--on-failure
+    /// dead-letter). Replay runs them, oldest first, through the handler and sink given now
+    /// (a fixed version, typically) and removes those that succeed.
+    DeadLetters {
+        /// What to do.
+        #[arg(value_enum)]
+        action: DeadLetterAction,
+        /// Only the dead letter with this id (from `list`).
+        #[arg(long)]
+        id: Option<i64>,
+    },
     /// Embed a query and print the nearest points of the sink (pgvector or qdrant).
     Search {
         /// The text to search for.
@@ -166,6 +178,24 @@ enum BackfillArg {
     Initial,
     /// Deliver only changes made after the slot was created.
     Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnFailureArg {
+    /// Stop without confirming the batch.
+    Stop,
+    /// Record the events that fail on their own as dead letters and go on.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeadLetterAction {
+    /// Print the pipeline's dead letters, oldest first.
+    List,
+    /// Run them through the current handler and sink; those that succeed are removed.
+    Replay,
+    /// Delete them.
+    Purge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -443,6 +473,22 @@ struct Args {
     /// and alongside live changes (`initial`), or only changes from then on (`skip`).
     #[arg(long = "backfill", env = "PGSTREAM_BACKFILL", value_enum, default_value_t = BackfillArg::Initial, global = true)]
     backfill_mode: BackfillArg,
+
+    /// What happens to a batch that keeps failing when the embedder and the sink are up (the
+    /// handler errs or traps on it, the sink refuses it): `stop` without confirming it, or
+    /// `dead-letter` the events that fail on their own (recorded in pgstream_dead_letters)
+    /// and go on.
+    #[arg(long, env = "PGSTREAM_ON_FAILURE", value_enum, default_value_t = OnFailureArg::Stop, global = true)]
+    on_failure: OnFailureArg,
+
+    /// Database of the dead-letter table [default: the pgvector sink's, else the source's].
+    #[arg(
+        long,
+        env = "PGSTREAM_DEAD_LETTER_DSN",
+        global = true,
+        hide_env_values = true
+    )]
+    dead_letter_dsn: Option<String>,
 
     /// Seconds between progress lines in the log.
     #[arg(
@@ -723,6 +769,7 @@ async fn run_pipeline_command(
             }
             Ok(())
         }
+        PipelineCommand::DeadLetters { action, id } => dead_letters(&spec, &args, action, id).await,
         PipelineCommand::Search { query, limit } => {
             let shared = SharedResources::new(&process_settings(&args)).map_err(cli_error)?;
             let limit = u64::try_from(limit).unwrap_or(0);
@@ -1206,6 +1253,11 @@ fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
         BackfillArg::Initial => BackfillMode::Initial,
         BackfillArg::Skip => BackfillMode::Skip,
     };
+    spec.on_failure = match args.on_failure {
+        OnFailureArg::Stop => OnFailure::Stop,
+        OnFailureArg::DeadLetter => OnFailure::DeadLetter,
+    };
+    spec.dead_letter_dsn = args.dead_letter_dsn.clone().map(Secret::new);
     Ok(spec)
 }
 
@@ -1216,7 +1268,71 @@ fn process_settings(args: &Args) -> ProcessSettings {
     }
 }
 
-/// The source and tables of the maintenance commands, which need at least one table.
+/// `dead-letters list|replay|purge`.
+async fn dead_letters(
+    spec: &PipelineSpec,
+    args: &Args,
+    action: DeadLetterAction,
+    id: Option<i64>,
+) -> Result<()> {
+    let source = assembly::parse_dsn("source.dsn", spec.source.dsn.expose()).map_err(cli_error)?;
+    let store = assembly::dead_letter_store(spec, &source).map_err(cli_error)?;
+    let slot = spec.slot_name();
+    match action {
+        DeadLetterAction::List => {
+            let letters = store.list(slot, id).await?;
+            if letters.is_empty() {
+                println!("no dead letters for slot {slot} in {}", store.location());
+            }
+            for letter in letters {
+                let key = letter.key.map(|key| key.to_string()).unwrap_or_default();
+                println!(
+                    "{id}  {lsn}  {table} {operation} {key}  attempts {attempts}  at {at}  \
+                     pipeline {pipeline}\n    {error}",
+                    id = letter.id,
+                    lsn = letter.lsn,
+                    table = letter.table,
+                    operation = letter.operation,
+                    attempts = letter.attempts,
+                    at = letter.failed_at,
+                    pipeline = letter.pipeline,
+                    error = letter.error,
+                );
+            }
+            Ok(())
+        }
+        DeadLetterAction::Replay => {
+            if args.plugin.is_none() {
+                bail!("replay runs the dead letters through a handler: pass --plugin handler.wasm");
+            }
+            let shared = SharedResources::new(&process_settings(args)).map_err(cli_error)?;
+            let report = assembly::replay_dead_letters(spec, &shared, id)
+                .await
+                .map_err(cli_error)?;
+            for (id, error) in &report.failed {
+                println!("{id}: failed again: {error}");
+            }
+            println!(
+                "replayed {} dead letters of slot {slot} (removed), {} failed again (kept)",
+                report.replayed.len(),
+                report.failed.len()
+            );
+            if let Some(reason) = report.interrupted {
+                bail!("the replay stopped early: {reason}; run it again once it is back");
+            }
+            if !report.failed.is_empty() {
+                bail!("{} dead letters still fail", report.failed.len());
+            }
+            Ok(())
+        }
+        DeadLetterAction::Purge => {
+            let purged = store.purge(slot, id).await?;
+            println!("purged {purged} dead letters of slot {slot}");
+            Ok(())
+        }
+    }
+}
+
 /// `backfill --status`: one line per backfill of `slot`.
 async fn print_backfills(
     client: &tokio_postgres::Client,
@@ -1268,6 +1384,7 @@ async fn print_backfills(
     Ok(())
 }
 
+/// The source and tables of the maintenance commands, which need at least one table.
 fn source_and_tables(spec: &PipelineSpec) -> Result<(SourceConfig, Vec<TableName>)> {
     if spec.tables.is_empty() {
         bail!("no table to watch: pass --table schema.table or set PGSTREAM_TABLES");

@@ -259,6 +259,7 @@ fn harness(
         },
         stop_at: None,
         progress_interval: Duration::from_secs(60),
+        on_failure: pgstream_host::dead_letter::OnFailure::Stop,
     };
     configure(&mut config);
     let sink = Arc::new(MemorySink {

@@ -177,6 +177,15 @@ impl ConfigFile {
                 }
             };
             let mut spec = entry.with_parts(source, embedder, sink);
+            if let Some(dsn) = &spec.dead_letter_dsn {
+                match dsn.interpolate(&env) {
+                    Ok(dsn) => spec.dead_letter_dsn = Some(dsn),
+                    Err(message) => {
+                        problem(at, format!("dead_letter_dsn: {message}"));
+                        continue;
+                    }
+                }
+            }
             spec.plugin = folder.join(&spec.plugin);
             if let Some(cache) = &mut spec.embed_cache {
                 cache.path = folder.join(&cache.path);
@@ -458,6 +467,34 @@ collection = "tenant_b.embeddings"
         let error = parse(&text).unwrap_err().to_string();
         assert!(
             error.contains("backfill_tables") && error.contains("tenant_b.other is not one of"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn on_failure_and_the_dead_letter_database_are_set_per_pipeline() {
+        use crate::dead_letter::OnFailure;
+        let text = TWO_TENANTS.replace(
+            "tables = [\"tenant_a.documents\"]",
+            "tables = [\"tenant_a.documents\"]\non_failure = \"dead-letter\"\n\
+             dead_letter_dsn = \"postgresql://dlq:${PG_PASSWORD}@dlq/letters\"",
+        );
+        let file = parse(&text).unwrap();
+        let (a, b) = (&file.pipelines[0], &file.pipelines[1]);
+        assert_eq!(a.on_failure, OnFailure::DeadLetter);
+        assert!(a.dead_letter_dsn.as_ref().is_some_and(|dsn| {
+            dsn.expose().starts_with("postgresql://dlq:") && !dsn.expose().contains('$')
+        }));
+        assert_eq!(b.on_failure, OnFailure::Stop, "the default");
+        assert!(b.dead_letter_dsn.is_none());
+
+        let text = TWO_TENANTS.replace(
+            "tables = [\"tenant_a.documents\"]",
+            "tables = [\"tenant_a.documents\"]\non_failure = \"skip\"",
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(
+            error.contains("skip") && error.contains("dead-letter"),
             "{error}"
         );
     }

@@ -273,6 +273,14 @@ pub struct PipelineSpecOf<Source, Embedder, Sink> {
     #[serde(default)]
     pub backfill_tables:
         std::collections::BTreeMap<TableName, crate::source::backfill::BackfillMode>,
+    /// What happens to a batch that keeps failing for a reason that is not an outage: stop
+    /// (the default) or dead-letter the events that fail on their own and go on.
+    #[serde(default)]
+    pub on_failure: crate::dead_letter::OnFailure,
+    /// Database of the dead-letter table; `None`: the pgvector sink's database, else the
+    /// source's.
+    #[serde(default)]
+    pub dead_letter_dsn: Option<Secret>,
 }
 
 /// One problem with a spec: the setting and what is wrong with it.
@@ -313,6 +321,8 @@ impl<Source, Embedder, Sink> PipelineSpecOf<Source, Embedder, Sink> {
             progress_secs: self.progress_secs,
             backfill: self.backfill,
             backfill_tables: self.backfill_tables,
+            on_failure: self.on_failure,
+            dead_letter_dsn: self.dead_letter_dsn,
         }
     }
 }
@@ -345,6 +355,8 @@ impl PipelineSpec {
             progress_secs: default_progress_secs(),
             backfill: Default::default(),
             backfill_tables: Default::default(),
+            on_failure: Default::default(),
+            dead_letter_dsn: None,
         }
     }
 

@@ -94,6 +94,7 @@ struct Families {
     sink_seconds: HistogramFamily<OperationLabels>,
     reloads: Family<ResultLabels, Counter>,
     reload_seconds: HistogramFamily<PipelineLabel>,
+    dead_letters: Family<PipelineLabel, Counter>,
 }
 
 /// The metrics of one process: a registry, and the pipelines whose status it reports.
@@ -130,6 +131,7 @@ impl Metrics {
             sink_seconds: Family::new_with_constructor(seconds_histogram),
             reloads: Family::default(),
             reload_seconds: Family::new_with_constructor(seconds_histogram),
+            dead_letters: Family::default(),
         };
         let mut registry = Registry::with_prefix("pgstream");
         registry.register(
@@ -189,6 +191,11 @@ impl Metrics {
             "plugin_reload_seconds",
             "From a reload request to the first batch handled by the new version",
             families.reload_seconds.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events recorded in the dead-letter table because they failed on their own",
+            families.dead_letters.clone(),
         );
         let statuses = Arc::new(Mutex::new(Vec::new()));
         registry.register_collector(Box::new(StatusCollector {
@@ -260,6 +267,7 @@ impl Metrics {
                     labelled(&families.reloads, &labels)
                 }),
                 reload_seconds: labelled(&families.reload_seconds, &label),
+                dead_letters: labelled(&families.dead_letters, &label),
             }),
         }
     }
@@ -388,6 +396,7 @@ struct PipelineMetricsInner {
     delete_seconds: Histogram,
     reloads: [Counter; 3],
     reload_seconds: Histogram,
+    dead_letters: Counter,
 }
 
 impl Default for PipelineMetricsInner {
@@ -408,6 +417,7 @@ impl Default for PipelineMetricsInner {
             delete_seconds: seconds_histogram(),
             reloads: Default::default(),
             reload_seconds: seconds_histogram(),
+            dead_letters: Counter::default(),
         }
     }
 }
@@ -452,6 +462,11 @@ impl PipelineMetrics {
     pub fn merged(&self, points: usize, took: Duration) {
         self.inner.merged.inc_by(points as u64);
         self.inner.merge_seconds.observe(took.as_secs_f64());
+    }
+
+    /// `events` events recorded as dead letters.
+    pub fn dead_lettered(&self, events: usize) {
+        self.inner.dead_letters.inc_by(events as u64);
     }
 
     /// A sink delete of `keys` keys (or of a table's points: 0) that took `took`.

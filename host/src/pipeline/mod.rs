@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::time::sleep;
 use tracing::{debug, error, info, warn};
 
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnFailure};
 use crate::embed::Embedder;
 use crate::event::ChangeEvent;
 use crate::lsn::Lsn;
@@ -124,6 +125,9 @@ pub struct PipelineConfig {
     pub stop_at: Option<Lsn>,
     /// How often a progress line is logged.
     pub progress_interval: Duration,
+    /// What happens to a batch that keeps failing for a reason that is not an outage; with
+    /// [`OnFailure::DeadLetter`] the pipeline needs [`Pipeline::with_dead_letters`].
+    pub on_failure: OnFailure,
 }
 
 /// Why a pipeline stopped with an error.
@@ -145,6 +149,18 @@ pub enum PipelineError {
     /// The sink could not be prepared.
     #[error("cannot prepare the sink")]
     Sink(#[from] SinkError),
+    /// Events given up on could not be recorded in the dead-letter table; their batch was not
+    /// confirmed, so the next start finds them again.
+    #[error("cannot record {events} dead letters in {location}; their batch was not confirmed")]
+    DeadLetter {
+        /// Events to record.
+        events: usize,
+        /// Where the table is.
+        location: String,
+        /// Why.
+        #[source]
+        source: DeadLetterError,
+    },
     /// The handler failed on a batch every time it was tried; nothing from that batch on was
     /// confirmed, so fixing the handler and restarting resumes there.
     #[error(
@@ -193,6 +209,7 @@ impl PipelineError {
             PipelineError::Source(error) => error.is_retryable(),
             PipelineError::Sink(error) => error.is_retryable(),
             PipelineError::HandlerFailed { outage, .. } => *outage,
+            PipelineError::DeadLetter { source, .. } => source.is_retryable(),
             PipelineError::Plugin { .. } => false,
         }
     }
@@ -231,6 +248,8 @@ pub struct Pipeline {
     first_batch_of_reload: Option<Instant>,
     /// Where the running version is published, for whoever starts this pipeline again.
     running_plugin: Option<RunningPlugin>,
+    /// Where events given up on go, with [`OnFailure::DeadLetter`].
+    dead_letters: Option<DeadLetterStore>,
 }
 
 /// The plugin version a pipeline runs, kept up to date across hot reloads; a supervisor
@@ -310,7 +329,14 @@ impl Pipeline {
             pending_reload: None,
             first_batch_of_reload: None,
             running_plugin: None,
+            dead_letters: None,
         }
+    }
+
+    /// Records events given up on in `store` (used with [`OnFailure::DeadLetter`]).
+    pub fn with_dead_letters(mut self, store: DeadLetterStore) -> Pipeline {
+        self.dead_letters = Some(store);
+        self
     }
 
     /// Keeps `running` up to date with the version this pipeline runs.
@@ -713,7 +739,7 @@ impl Pipeline {
         let (events, completes) = builder.take();
         if !events.is_empty() {
             let handled = self
-                .handle_with_retry(handler, &events, summary, progress, shutdown)
+                .handle_or_dead_letter(handler, &events, summary, progress, shutdown)
                 .await?;
             if handled == Flushed::Abandoned {
                 warn!(
@@ -743,13 +769,138 @@ impl Pipeline {
         Ok(Flushed::Done)
     }
 
-    async fn handle_with_retry(
+    /// [`handle_with_retry`](Self::handle_with_retry) with the configured number of tries;
+    /// with [`OnFailure::DeadLetter`], a batch that still fails for a reason that is not an
+    /// outage is split to find the events that fail on their own, which are recorded as dead
+    /// letters while every other event is handled, in order.
+    ///
+    /// The search halves the failing part of the batch until single events remain; a part is
+    /// tried once, a single event as often as a batch is. An outage during the search is
+    /// ridden out as always, and never makes a dead letter. Everything recorded, the batch
+    /// counts as handled and is confirmed; if recording fails, nothing of it is.
+    async fn handle_or_dead_letter<'s>(
         &self,
         handler: &mut Option<HandlerInstance>,
         events: &[ChangeEvent],
         summary: &RunSummary,
         progress: &mut Progress,
-        mut shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send)>>,
+        mut shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send + 's)>>,
+    ) -> Result<Flushed, PipelineError> {
+        let max_attempts = self.config.retry.max_attempts;
+        let dead_letters = match (&self.config.on_failure, &self.dead_letters) {
+            (OnFailure::DeadLetter, Some(store)) => store,
+            _ => {
+                return self
+                    .handle_with_retry(handler, events, summary, progress, shutdown, max_attempts)
+                    .await;
+            }
+        };
+        let first = self
+            .handle_with_retry(
+                handler,
+                events,
+                summary,
+                progress,
+                shutdown.as_mut().map(|s| s.as_mut()),
+                max_attempts,
+            )
+            .await;
+        let (error, attempts) = match first {
+            Err(PipelineError::HandlerFailed {
+                outage: false,
+                error,
+                attempts,
+                ..
+            }) => (error, attempts),
+            other => return other,
+        };
+        warn!(
+            pipeline = %self.config.name, events = events.len(),
+            first_lsn = %events[0].lsn,
+            "the batch keeps failing; looking for the events that fail on their own, to \
+             dead-letter them and handle the others"
+        );
+        let mut letters = Vec::new();
+        // Parts that failed, to split, and parts still to try (the next one last), so events
+        // are handled in the batch's order.
+        let mut failed = Some((0..events.len(), error, attempts));
+        let mut parts = Vec::new();
+        loop {
+            if let Some((part, error, attempts)) = failed.take() {
+                if part.len() == 1 {
+                    let event = &events[part.start];
+                    warn!(
+                        pipeline = %self.config.name, lsn = %event.lsn,
+                        table = %format!("{}.{}", event.relation.schema, event.relation.table),
+                        error = %error.summary(),
+                        "dead-lettering an event that fails on its own"
+                    );
+                    letters.push(DeadLetter {
+                        event: event.clone(),
+                        error: crate::error_chain::one_line(&error),
+                        attempts,
+                    });
+                } else {
+                    let middle = part.start + part.len().div_ceil(2);
+                    parts.push(middle..part.end);
+                    parts.push(part.start..middle);
+                }
+            }
+            let Some(part) = parts.pop() else {
+                break;
+            };
+            let attempts = if part.len() == 1 { max_attempts } else { 1 };
+            match self
+                .handle_with_retry(
+                    handler,
+                    &events[part.clone()],
+                    summary,
+                    progress,
+                    shutdown.as_mut().map(|s| s.as_mut()),
+                    attempts,
+                )
+                .await
+            {
+                Ok(Flushed::Done) => {}
+                Ok(Flushed::Abandoned) => return Ok(Flushed::Abandoned),
+                Err(PipelineError::HandlerFailed {
+                    outage: false,
+                    error,
+                    attempts,
+                    ..
+                }) => failed = Some((part, error, attempts)),
+                Err(other) => return Err(other),
+            }
+        }
+        if !letters.is_empty() {
+            dead_letters
+                .record(&self.config.name, &self.config.slot, &letters)
+                .await
+                .map_err(|source| PipelineError::DeadLetter {
+                    events: letters.len(),
+                    location: dead_letters.location().to_owned(),
+                    source,
+                })?;
+            self.metrics.dead_lettered(letters.len());
+            warn!(
+                pipeline = %self.config.name, dead_letters = letters.len(),
+                handled = events.len() - letters.len(), location = %dead_letters.location(),
+                "events dead-lettered; `pgstream-host dead-letters list` shows them, `replay` \
+                 runs them through the handler again"
+            );
+        }
+        self.status.set_state(PipelineState::Streaming);
+        Ok(Flushed::Done)
+    }
+
+    async fn handle_with_retry<'s>(
+        &self,
+        handler: &mut Option<HandlerInstance>,
+        events: &[ChangeEvent],
+        summary: &RunSummary,
+        progress: &mut Progress,
+        mut shutdown: Option<Pin<&mut (dyn Future<Output = ()> + Send + 's)>>,
+        max_attempts: u32,
     ) -> Result<Flushed, PipelineError> {
         let config = &self.config;
         // Tries that failed for another reason than an outage, and tries in all.
@@ -819,7 +970,7 @@ impl Pipeline {
                 }
                 None => {
                     outage = None;
-                    if attempt >= config.retry.max_attempts {
+                    if attempt >= max_attempts {
                         return Err(failed(tries, false, error));
                     }
                 }
@@ -863,13 +1014,12 @@ impl Pipeline {
                     let wait = config.retry.backoff(attempt);
                     self.status.set_state(PipelineState::Retrying {
                         reason: format!(
-                            "handler failed (attempt {attempt} of {}): {}",
-                            config.retry.max_attempts,
+                            "handler failed (attempt {attempt} of {max_attempts}): {}",
                             error.summary()
                         ),
                     });
                     warn!(
-                        pipeline = %config.name, attempt, max_attempts = config.retry.max_attempts,
+                        pipeline = %config.name, attempt, max_attempts,
                         %first_lsn, ?wait, %error,
                         "handler failed; retrying the batch on a fresh instance"
                     );

@@ -19,3 +19,4 @@ mod reload;
 mod scaffold;
 mod serve;
 mod wal_guard;
+mod webhook;

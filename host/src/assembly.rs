@@ -28,6 +28,7 @@ use crate::replication::{ReplicationError, SourceConfig, StreamOptions};
 use crate::runtime::{EngineOptions, Limits, Plugin, PluginEngine, RuntimeError};
 use crate::sink::{
     JsonLinesSink, PgVectorSink, QdrantOptions, QdrantSink, SearchHit, Sink, SinkError,
+    WebhookOptions, WebhookSink,
 };
 use crate::source::{BackfillSettings, PostgresSource};
 
@@ -277,7 +278,7 @@ pub async fn replay_dead_letters(
     let sink = sink(spec, &source_config)?;
     sink.prepare(embedder.dimensions()).await?;
     let plugin = load_plugin(shared, &spec.plugin).await?;
-    let imports = Arc::new(PipelineImports::new(embedder, sink, &spec.tables));
+    let imports = Arc::new(PipelineImports::new(embedder, sink.clone(), &spec.tables));
     let limits = pipeline_config(spec).limits;
     let log_target = format!("{}/dead-letters", spec.name);
     let instantiate = || async {
@@ -294,7 +295,9 @@ pub async fn replay_dead_letters(
         if instance.is_poisoned() {
             instance = instantiate().await?;
         }
-        match instance.handle(std::slice::from_ref(&letter.event)).await {
+        let events = std::slice::from_ref(&letter.event);
+        sink.begin_batch(&crate::sink::BatchIdentity::of(events));
+        match instance.handle(events).await {
             Ok(()) => report.replayed.push(letter.id),
             Err(error) => {
                 let outage = instance
@@ -426,6 +429,23 @@ pub fn sink(spec: &PipelineSpec, source: &SourceConfig) -> Result<Arc<dyn Sink>,
         }
         SinkSpec::Qdrant { .. } => Arc::new(qdrant_sink(spec)?),
         SinkSpec::Jsonl => Arc::new(JsonLinesSink::open(&spec.jsonl_path()?)?),
+        SinkSpec::Webhook {
+            url,
+            secret,
+            timeout_ms,
+            max_attempts,
+        } => Arc::new(WebhookSink::new(WebhookOptions {
+            url: url.parse().map_err(|error| SpecProblem {
+                setting: "sink.url",
+                problem: format!("{url:?} is not a URL: {error}"),
+            })?,
+            secret: secret.as_ref().map(|secret| secret.expose().to_owned()),
+            timeout: Duration::from_millis(*timeout_ms),
+            max_attempts: *max_attempts,
+            initial_backoff: Duration::from_millis(spec.retry_backoff_ms),
+            slot: spec.slot_name().to_owned(),
+            pipeline: spec.name.clone(),
+        })?),
     })
 }
 
@@ -498,9 +518,12 @@ pub async fn search(
                 PgVectorSink::search(&client, &table.schema, &table.name, vector, limit).await?;
             Ok((hits, table.to_string()))
         }
-        SinkSpec::Jsonl => Err(SpecProblem {
+        SinkSpec::Jsonl | SinkSpec::Webhook { .. } => Err(SpecProblem {
             setting: "sink",
-            problem: "a jsonl file cannot be searched; search a pgvector or Qdrant sink".into(),
+            problem: format!(
+                "a {} sink cannot be searched; search a pgvector or Qdrant sink",
+                spec.sink.kind()
+            ),
         }
         .into()),
     }

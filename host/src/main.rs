@@ -23,7 +23,7 @@ use pgstream_host::lsn::Lsn;
 use pgstream_host::reload::FileWatcher;
 use pgstream_host::replication::{self, SourceConfig, TableName};
 use pgstream_host::scaffold::{self, Language};
-use pgstream_host::sink::QDRANT_API_KEY_VAR;
+use pgstream_host::sink::{QDRANT_API_KEY_VAR, WEBHOOK_SECRET_VAR};
 use pgstream_host::source::backfill::progress::{BackfillBars, BarsAwareStderr};
 use pgstream_host::source::backfill::{self, BackfillMode, BackfillState};
 use pgstream_host::supervisor::{
@@ -206,6 +206,8 @@ enum SinkKind {
     Jsonl,
     /// A Qdrant collection, over gRPC (API key from PGSTREAM_QDRANT_API_KEY).
     Qdrant,
+    /// Signed JSON POSTs of every write to --webhook-url (secret from PGSTREAM_WEBHOOK_SECRET).
+    Webhook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -294,6 +296,21 @@ struct Args {
         value_parser = at_least::<u32, 1>
     )]
     qdrant_max_attempts: u32,
+
+    /// Where the webhook sink POSTs. Each request carries an Idempotency-Key (slot, WAL range
+    /// and digest of the batch, write number) and, when PGSTREAM_WEBHOOK_SECRET is set, an
+    /// X-Pgstream-Signature: sha256=HMAC of the body.
+    #[arg(long, env = "PGSTREAM_WEBHOOK_URL", global = true)]
+    webhook_url: Option<String>,
+
+    /// Longest wait for one webhook request, in milliseconds.
+    #[arg(long, env = "PGSTREAM_WEBHOOK_TIMEOUT_MS", default_value_t = 30_000, global = true, value_parser = at_least::<u64, 1>)]
+    webhook_timeout_ms: u64,
+
+    /// Tries per webhook request on 5xx, 408, 429 (after Retry-After), timeouts and
+    /// connection errors; then the batch is retried as an outage.
+    #[arg(long, env = "PGSTREAM_WEBHOOK_MAX_ATTEMPTS", default_value_t = 5, global = true, value_parser = at_least::<u32, 1>)]
+    webhook_max_attempts: u32,
 
     /// Create the Qdrant collection when it is missing (false: a missing collection is an
     /// error).
@@ -1231,6 +1248,15 @@ fn pipeline_spec(args: &Args) -> Result<PipelineSpec> {
             timeout_ms: args.qdrant_timeout_ms,
             max_attempts: args.qdrant_max_attempts,
             create_collection: args.create_collection,
+        },
+        SinkKind::Webhook => SinkSpec::Webhook {
+            url: args
+                .webhook_url
+                .clone()
+                .context("--sink webhook needs --webhook-url (or PGSTREAM_WEBHOOK_URL)")?,
+            secret: std::env::var(WEBHOOK_SECRET_VAR).ok().map(Secret::new),
+            timeout_ms: args.webhook_timeout_ms,
+            max_attempts: args.webhook_max_attempts,
         },
     };
     spec.embed_cache = args.embed_cache.clone().map(|path| EmbedCacheSpec {

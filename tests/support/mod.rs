@@ -29,6 +29,7 @@ pub mod tenants;
 mod test_pipeline;
 mod wait;
 mod watchdog;
+pub mod webhook_server;
 
 pub use artifacts::{
     HOST_BIN_VAR, MODEL_DIR_VAR, PG15_BIN_VAR, PG18_BIN_VAR, PLUGIN_DIR_VAR, fixture_path,

@@ -321,6 +321,14 @@ impl SinkSpec {
     fn interpolate(&self, env: impl Fn(&str) -> Option<String>) -> Result<SinkSpec, String> {
         let mut spec = self.clone();
         match &mut spec {
+            SinkSpec::Webhook {
+                secret: Some(secret),
+                ..
+            } => {
+                *secret = secret
+                    .interpolate(env)
+                    .map_err(|error| format!("secret: {error}"))?;
+            }
             SinkSpec::Pgvector { dsn: Some(dsn), .. } => {
                 *dsn = dsn
                     .interpolate(env)

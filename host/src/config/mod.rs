@@ -151,6 +151,20 @@ pub enum SinkSpec {
     },
     /// Every write as a JSON line appended to a file.
     Jsonl,
+    /// Every write POSTed as signed JSON to a URL (see `sink::WebhookSink` for the format).
+    Webhook {
+        /// Where to POST.
+        url: String,
+        /// The HMAC-SHA256 signing secret; `None`: unsigned.
+        #[serde(default)]
+        secret: Option<Secret>,
+        /// Longest wait for one request, in milliseconds.
+        #[serde(default = "default_qdrant_timeout_ms")]
+        timeout_ms: u64,
+        /// Tries per request when it fails transiently.
+        #[serde(default = "default_qdrant_max_attempts")]
+        max_attempts: u32,
+    },
 }
 
 impl Default for SinkSpec {
@@ -169,6 +183,7 @@ impl SinkSpec {
             SinkSpec::Pgvector { .. } => "pgvector",
             SinkSpec::Qdrant { .. } => "qdrant",
             SinkSpec::Jsonl => "jsonl",
+            SinkSpec::Webhook { .. } => "webhook",
         }
     }
 }
@@ -416,6 +431,8 @@ impl PipelineSpec {
             SinkSpec::Pgvector { .. } => format!("pgvector {}", self.pgvector_table()?),
             SinkSpec::Qdrant { url, .. } => format!("qdrant {url} {}", self.qdrant_collection()?),
             SinkSpec::Jsonl => format!("jsonl {}", self.jsonl_path()?.display()),
+            // One URL may take several pipelines: each write names its slot.
+            SinkSpec::Webhook { url, .. } => format!("webhook {url} {}", self.slot_name()),
         })
     }
 
@@ -559,6 +576,14 @@ impl PipelineSpec {
                 counts.push(("sink.pool_size", *pool_size as u64));
             }
             SinkSpec::Qdrant {
+                timeout_ms,
+                max_attempts,
+                ..
+            } => counts.extend([
+                ("sink.timeout_ms", *timeout_ms),
+                ("sink.max_attempts", u64::from(*max_attempts)),
+            ]),
+            SinkSpec::Webhook {
                 timeout_ms,
                 max_attempts,
                 ..

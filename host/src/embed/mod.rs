@@ -6,7 +6,7 @@
 mod cache;
 mod fair_share;
 mod minilm;
-mod openai;
+pub(crate) mod openai;
 mod quota;
 
 use std::path::PathBuf;

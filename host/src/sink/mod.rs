@@ -5,9 +5,12 @@ mod jsonl;
 mod merge_fold;
 mod pgvector;
 mod qdrant;
+mod webhook;
 
 use async_trait::async_trait;
 
+use crate::event::{ChangeEvent, Value};
+use crate::lsn::Lsn;
 use crate::point::{Point, PointKey};
 
 pub use jsonl::JsonLinesSink;
@@ -16,6 +19,7 @@ pub use qdrant::{
     API_KEY_VAR as QDRANT_API_KEY_VAR, POINT_ID_NAMESPACE as QDRANT_POINT_ID_NAMESPACE,
     QdrantOptions, QdrantSink, QdrantUnavailable, point_id as qdrant_point_id,
 };
+pub use webhook::{SECRET_VAR as WEBHOOK_SECRET_VAR, WebhookOptions, WebhookSink, signature};
 /// Why a sink operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -32,6 +36,67 @@ impl SinkError {
     /// Whether trying the same call again may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, SinkError::Unavailable(_))
+    }
+}
+
+/// Which events a handler call covers, for a sink that names its writes (the webhook's
+/// `Idempotency-Key`): the same events give the same identity, on a replay after a crash too,
+/// and different events (two batches of one large transaction, say) different ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchIdentity {
+    /// Commit LSN of the first event.
+    pub first_lsn: Lsn,
+    /// Commit LSN of the last event.
+    pub last_lsn: Lsn,
+    /// Number of events.
+    pub events: usize,
+    /// The first 16 hex digits of a SHA-256 over every event's position, table, operation and
+    /// values.
+    pub digest: String,
+}
+
+impl BatchIdentity {
+    /// The identity of `events` (hashed from slices of the events, nothing copied).
+    pub fn of(events: &[ChangeEvent]) -> BatchIdentity {
+        use sha2::{Digest, Sha256};
+        fn values(hash: &mut Sha256, values: &[Value]) {
+            for value in values {
+                match value {
+                    Value::Null => hash.update([0u8]),
+                    Value::Unchanged => hash.update([1u8]),
+                    Value::Text(text) => {
+                        hash.update([2u8]);
+                        hash.update((text.len() as u64).to_le_bytes());
+                        hash.update(text.as_bytes());
+                    }
+                }
+            }
+        }
+        let mut hash = Sha256::new();
+        for event in events {
+            values(&mut hash, &event.row);
+            if let Some(old) = &event.old_row {
+                values(&mut hash, old);
+            }
+            let relation = &event.relation;
+            hash.update(event.lsn.0.to_le_bytes());
+            hash.update(event.xid.to_le_bytes());
+            hash.update([event.operation as u8]);
+            hash.update(relation.schema.as_bytes());
+            hash.update([0u8]);
+            hash.update(relation.table.as_bytes());
+            hash.update([0u8]);
+        }
+        let digest: String = hash.finalize()[..8]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        BatchIdentity {
+            first_lsn: events.first().map_or(Lsn::ZERO, |event| event.lsn),
+            last_lsn: events.last().map_or(Lsn::ZERO, |event| event.lsn),
+            events: events.len(),
+            digest,
+        }
     }
 }
 
@@ -65,4 +130,9 @@ pub trait Sink: Send + Sync {
 
     /// Deletes every point made from rows of `schema.table`.
     async fn delete_table(&self, schema: &str, table: &str) -> Result<(), SinkError>;
+
+    /// Called by the pipeline before each handler call (each try of one included) with the
+    /// identity of its events; the writes that call makes follow, until the next call. A sink
+    /// that does not name its writes ignores it (the default).
+    fn begin_batch(&self, _batch: &BatchIdentity) {}
 }

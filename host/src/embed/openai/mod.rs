@@ -25,7 +25,7 @@
 //! the bundled Mozilla roots (so a container without a CA bundle still reaches OpenAI).
 
 mod config;
-mod wire;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::ops::Range;
@@ -554,7 +554,9 @@ fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<Stri
 }
 
 /// rustls with ring, trusting the system store and the bundled Mozilla roots.
-fn tls_config() -> Result<rustls::ClientConfig, EmbedError> {
+/// The TLS settings of every HTTPS client of the host: the bundled and the system's roots,
+/// the ring provider.
+pub(crate) fn tls_config() -> Result<rustls::ClientConfig, EmbedError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // Unreadable or malformed system certificates are skipped: the bundled roots remain.

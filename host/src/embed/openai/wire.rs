@@ -106,7 +106,7 @@ fn quote(text: &str) -> String {
 /// How long the server asked to wait before the next request: `retry-after-ms` (OpenAI and
 /// Azure send it, more precise) if present, else `Retry-After` as seconds or an HTTP date.
 /// `None` when neither is there or parses; a date in the past means "now".
-pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         headers
             .get(name)

@@ -225,14 +225,7 @@ impl DeadLetterStore {
         id: Option<i64>,
     ) -> Result<Vec<StoredLetter>, DeadLetterError> {
         let client = self.client().await?;
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass('pgstream_dead_letters') IS NOT NULL",
-                &[],
-            )
-            .await?
-            .get(0);
-        if !exists {
+        if !table_exists(&client).await? {
             return Ok(Vec::new());
         }
         let rows = client
@@ -300,14 +293,7 @@ impl DeadLetterStore {
     /// Deletes the dead letters of `slot` (only `id` when given); returns how many.
     pub async fn purge(&self, slot: &str, id: Option<i64>) -> Result<u64, DeadLetterError> {
         let client = self.client().await?;
-        let exists: bool = client
-            .query_one(
-                "SELECT to_regclass('pgstream_dead_letters') IS NOT NULL",
-                &[],
-            )
-            .await?
-            .get(0);
-        if !exists {
+        if !table_exists(&client).await? {
             return Ok(0);
         }
         Ok(client
@@ -318,6 +304,17 @@ impl DeadLetterStore {
             )
             .await?)
     }
+}
+
+/// Whether the table exists yet (it is created by the first dead letter).
+async fn table_exists(client: &tokio_postgres::Client) -> Result<bool, DeadLetterError> {
+    Ok(client
+        .query_one(
+            "SELECT to_regclass('pgstream_dead_letters') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -58,28 +58,28 @@ impl PgVectorSink {
             .map_err(|error| SinkError::Unavailable(Box::new(error)))
     }
 
-    async fn insert_with_vectors(
+    /// Inserts or updates rows with their vectors; `payload` says what happens to the payload
+    /// of a row that exists.
+    async fn write_with_vectors<P: ToSql + Sync>(
         &self,
         transaction: &tokio_postgres::Transaction<'_>,
-        points: &[&Point],
+        columns: &RowColumns<'_, P>,
+        vectors: &[Vector],
+        payload: PayloadWrite,
     ) -> Result<(), SinkError> {
-        if points.is_empty() {
+        if vectors.is_empty() {
             return Ok(());
         }
-        let columns = PointColumns::new(points);
-        let vectors: Vec<Vector> = points
-            .iter()
-            .map(|point| Vector::from(point.vector.clone().unwrap_or_default()))
-            .collect();
         let statement = format!(
             "INSERT INTO {table} AS t (source_schema, source_table, source_key, embedding, payload)
              SELECT s, tb, {key_k}, e, p::jsonb
              FROM unnest($1::text[], $2::text[], $3::text[], $4::vector[], $5::text[])
                   AS x(s, tb, k, e, p)
              ON CONFLICT (source_schema, source_table, source_key) DO UPDATE
-             SET embedding = EXCLUDED.embedding, payload = EXCLUDED.payload, updated_at = now()",
+             SET embedding = EXCLUDED.embedding, payload = {new_payload}, updated_at = now()",
             table = self.qualified,
-            key_k = key_array("k")
+            key_k = key_array("k"),
+            new_payload = payload.sql("EXCLUDED.payload"),
         );
         transaction
             .execute(
@@ -97,22 +97,26 @@ impl PgVectorSink {
         Ok(())
     }
 
-    async fn update_payloads(
+    /// Writes the payloads of existing rows, keeping their vectors; rows that do not exist are
+    /// skipped, with a warning naming `what` was skipped.
+    async fn write_payloads<P: ToSql + Sync>(
         &self,
         transaction: &tokio_postgres::Transaction<'_>,
-        points: &[&Point],
+        columns: &RowColumns<'_, P>,
+        payload: PayloadWrite,
     ) -> Result<(), SinkError> {
-        if points.is_empty() {
+        let count = columns.payloads.len() as u64;
+        if count == 0 {
             return Ok(());
         }
-        let columns = PointColumns::new(points);
         let statement = format!(
-            "UPDATE {table} AS t SET payload = x.p::jsonb, updated_at = now()
+            "UPDATE {table} AS t SET payload = {new_payload}, updated_at = now()
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(s, tb, k, p)
              WHERE t.source_schema = x.s AND t.source_table = x.tb
                AND t.source_key = {key_x_k}",
             table = self.qualified,
-            key_x_k = key_array("x.k")
+            key_x_k = key_array("x.k"),
+            new_payload = payload.sql("x.p::jsonb"),
         );
         let updated = transaction
             .execute(
@@ -126,19 +130,42 @@ impl PgVectorSink {
             )
             .await
             .map_err(classify)?;
-        if updated != points.len() as u64 {
+        if updated != count {
             // Typically a row that existed before the slot (not reached by the backfill yet,
             // or with --backfill skip) whose update did not resend its TOASTed text: there is
             // no vector to keep and none to make, and stopping the pipeline over it would help
             // nobody.
             tracing::warn!(
                 table = %self.qualified,
-                skipped = points.len() as u64 - updated,
-                "payload-only upserts for points that have no stored vector were skipped; \
-                 those rows get a point when their embedded text next changes"
+                skipped = count - updated,
+                "{} for points that have no stored vector were skipped; those rows get a point \
+                 when their embedded text next changes",
+                match payload {
+                    PayloadWrite::Replace => "payload-only upserts",
+                    PayloadWrite::Merge => "payload merges",
+                }
             );
         }
         Ok(())
+    }
+}
+
+/// What a write does to the payload of a row that exists.
+#[derive(Debug, Clone, Copy)]
+enum PayloadWrite {
+    /// `upsert`: the new payload replaces it.
+    Replace,
+    /// `merge`: jsonb `||`, the new keys replace or join the stored ones.
+    Merge,
+}
+
+impl PayloadWrite {
+    /// The SQL of the payload after the write, given the SQL of the new one.
+    fn sql(self, new: &str) -> String {
+        match self {
+            PayloadWrite::Replace => new.to_owned(),
+            PayloadWrite::Merge => format!("t.payload || {new}"),
+        }
     }
 }
 
@@ -189,18 +216,18 @@ impl PgVectorSink {
 }
 
 /// The text columns of a batch of points, as arrays for `unnest`.
-struct PointColumns<'a> {
+struct RowColumns<'a, P> {
     schemas: Vec<&'a str>,
     tables: Vec<&'a str>,
     /// Each key as a JSON array of strings: Postgres cannot `unnest` an array of arrays of
     /// different lengths, so keys travel as JSON text and become `text[]` in SQL.
     keys: Vec<String>,
-    payloads: Vec<&'a str>,
+    payloads: Vec<P>,
 }
 
-impl<'a> PointColumns<'a> {
-    fn new(points: &[&'a Point]) -> PointColumns<'a> {
-        PointColumns {
+impl<'a> RowColumns<'a, &'a str> {
+    fn of_points(points: &[&'a Point]) -> RowColumns<'a, &'a str> {
+        RowColumns {
             schemas: points.iter().map(|p| p.key.schema.as_str()).collect(),
             tables: points.iter().map(|p| p.key.table.as_str()).collect(),
             keys: points.iter().map(|p| key_json(&p.key)).collect(),
@@ -209,29 +236,22 @@ impl<'a> PointColumns<'a> {
     }
 }
 
-/// The columns of folded merges, like [`PointColumns`]; payloads are the folded objects.
-struct MergeColumns<'a> {
-    schemas: Vec<&'a str>,
-    tables: Vec<&'a str>,
-    keys: Vec<String>,
-    payloads: Vec<String>,
-}
-
-impl<'a> MergeColumns<'a> {
-    fn new(points: &[&MergedPoint<'a>]) -> MergeColumns<'a> {
-        MergeColumns {
+impl<'a> RowColumns<'a, String> {
+    /// Folded merges; the payloads are their merged objects.
+    fn of_merges(points: &[&MergedPoint<'a>]) -> RowColumns<'a, String> {
+        RowColumns {
             schemas: points.iter().map(|p| p.key.schema.as_str()).collect(),
             tables: points.iter().map(|p| p.key.table.as_str()).collect(),
             keys: points.iter().map(|p| key_json(p.key)).collect(),
             payloads: points
                 .iter()
-                .map(|p| serde_json::to_string(&p.payload).unwrap_or_default())
+                .map(|p| serde_json::Value::Object(p.payload.clone()).to_string())
                 .collect(),
         }
     }
 }
 
-/// SQL turning a key sent as a JSON array of strings (see [`PointColumns::keys`]) back into
+/// SQL turning a key sent as a JSON array of strings (see [`RowColumns::keys`]) back into
 /// the `text[]` stored in `source_key`, elements in their original order.
 fn key_array(json_column: &str) -> String {
     format!(
@@ -363,11 +383,23 @@ impl Sink for PgVectorSink {
         let folded = last_write_per_key(points);
         let (with_vector, payload_only): (Vec<&Point>, Vec<&Point>) =
             folded.iter().partition(|point| point.vector.is_some());
+        let vectors: Vec<Vector> = with_vector
+            .iter()
+            .map(|point| Vector::from(point.vector.clone().unwrap_or_default()))
+            .collect();
         let mut client = self.client().await?;
         // Both statements run in one transaction so a batch is stored whole or not at all.
         let transaction = client.transaction().await.map_err(classify)?;
-        self.insert_with_vectors(&transaction, &with_vector).await?;
-        self.update_payloads(&transaction, &payload_only).await?;
+        let replace = PayloadWrite::Replace;
+        self.write_with_vectors(
+            &transaction,
+            &RowColumns::of_points(&with_vector),
+            &vectors,
+            replace,
+        )
+        .await?;
+        self.write_payloads(&transaction, &RowColumns::of_points(&payload_only), replace)
+            .await?;
         transaction.commit().await.map_err(classify)
     }
 
@@ -378,71 +410,22 @@ impl Sink for PgVectorSink {
         let merged = fold_merges(points)?;
         let (with_vector, payload_only): (Vec<&MergedPoint<'_>>, Vec<&MergedPoint<'_>>) =
             merged.iter().partition(|point| point.vector.is_some());
+        let vectors: Vec<Vector> = with_vector
+            .iter()
+            .map(|point| Vector::from(point.vector.unwrap_or_default().to_vec()))
+            .collect();
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(classify)?;
-        // jsonb `||` of two objects keeps the left's keys and lets the right's replace them.
-        if !with_vector.is_empty() {
-            let columns = MergeColumns::new(&with_vector);
-            let vectors: Vec<Vector> = with_vector
-                .iter()
-                .map(|point| Vector::from(point.vector.unwrap_or_default().to_vec()))
-                .collect();
-            let statement = format!(
-                "INSERT INTO {table} AS t (source_schema, source_table, source_key, embedding, payload)
-                 SELECT s, tb, {key_k}, e, p::jsonb
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::vector[], $5::text[])
-                      AS x(s, tb, k, e, p)
-                 ON CONFLICT (source_schema, source_table, source_key) DO UPDATE
-                 SET embedding = EXCLUDED.embedding, payload = t.payload || EXCLUDED.payload,
-                     updated_at = now()",
-                table = self.qualified,
-                key_k = key_array("k")
-            );
-            transaction
-                .execute(
-                    &statement,
-                    &[
-                        &columns.schemas as &(dyn ToSql + Sync),
-                        &columns.tables,
-                        &columns.keys,
-                        &vectors,
-                        &columns.payloads,
-                    ],
-                )
-                .await
-                .map_err(classify)?;
-        }
-        if !payload_only.is_empty() {
-            let columns = MergeColumns::new(&payload_only);
-            let statement = format!(
-                "UPDATE {table} AS t SET payload = t.payload || x.p::jsonb, updated_at = now()
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(s, tb, k, p)
-                 WHERE t.source_schema = x.s AND t.source_table = x.tb
-                   AND t.source_key = {key_x_k}",
-                table = self.qualified,
-                key_x_k = key_array("x.k")
-            );
-            let updated = transaction
-                .execute(
-                    &statement,
-                    &[
-                        &columns.schemas as &(dyn ToSql + Sync),
-                        &columns.tables,
-                        &columns.keys,
-                        &columns.payloads,
-                    ],
-                )
-                .await
-                .map_err(classify)?;
-            if updated != payload_only.len() as u64 {
-                tracing::warn!(
-                    table = %self.qualified,
-                    skipped = payload_only.len() as u64 - updated,
-                    "payload merges for points that have no stored vector were skipped; those \
-                     rows get a point when their embedded text next changes"
-                );
-            }
-        }
+        let merge = PayloadWrite::Merge;
+        self.write_with_vectors(
+            &transaction,
+            &RowColumns::of_merges(&with_vector),
+            &vectors,
+            merge,
+        )
+        .await?;
+        self.write_payloads(&transaction, &RowColumns::of_merges(&payload_only), merge)
+            .await?;
         transaction.commit().await.map_err(classify)
     }
 

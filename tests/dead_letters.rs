@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgstream_e2e::tenants::{jsonl, upserted_ids};
-use pgstream_e2e::{HostProcess, PgServer, PgVersion, TestDb, TestPipeline, plugin_path};
+use pgstream_e2e::{
+    HostProcess, OpenAiServer, PgServer, PgVersion, TestDb, TestPipeline, plugin_path,
+};
 use tempfile::TempDir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,4 +143,53 @@ async fn one_poison_row_among_1000(version: PgVersion) {
     // Purge empties what is left; nothing is left here, and that is said.
     let purged = fixed.run_to_exit(Some("dead-letters"), &["purge"]).await;
     assert!(purged.contains("purged 0 dead letters"), "{purged}");
+}
+
+/// An outage is not a reason to dead-letter: with the embedder answering 503 for a while,
+/// the pipeline rides it out and, once it is back, every row arrives and the dead-letter table
+/// stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedder_outage_is_ridden_out_and_dead_letters_nothing() {
+    let server = OpenAiServer::start().await;
+    let db = PgServer::shared(PgVersion::Pg18).create_database().await;
+    db.exec("CREATE TABLE docs (id int PRIMARY KEY, content text)")
+        .await;
+    let out = TempDir::new().unwrap();
+    let sink = out.path().join("docs.jsonl");
+    let slot = db.unique_name("dlq");
+    let pipeline = TestPipeline::new(&db, "docs", "embed-handler")
+        .with_slot(&slot)
+        .with_env("PGSTREAM_OPENAI_API_KEY", OpenAiServer::API_KEY)
+        .without_env("OPENAI_API_KEY")
+        .with_args(&[
+            "--embedder".to_owned(),
+            "openai".to_owned(),
+            "--openai-base-url".to_owned(),
+            server.base_url(),
+            "--openai-model".to_owned(),
+            OpenAiServer::MODEL.to_owned(),
+            "--dimensions".to_owned(),
+            OpenAiServer::DIMENSIONS.to_string(),
+            "--sink".to_owned(),
+            "jsonl".to_owned(),
+            "--collection".to_owned(),
+            sink.display().to_string(),
+            "--backfill".to_owned(),
+            "skip".to_owned(),
+            "--max-attempts".to_owned(),
+            "2".to_owned(),
+            "--retry-backoff-ms".to_owned(),
+            "10".to_owned(),
+            "--on-failure".to_owned(),
+            "dead-letter".to_owned(),
+        ]);
+    pipeline.setup().await;
+    server.fail_next(12, 503, None);
+    db.exec("INSERT INTO docs SELECT g, 'document ' || g FROM generate_series(1, 20) g")
+        .await;
+    let log = pipeline.catch_up().await;
+    assert!(log.contains("unavailable"), "the outage was seen: {log}");
+    assert!(!log.contains("dead-lettering"), "{log}");
+    assert!(stored(&db, &slot).await.is_empty(), "{log}");
+    assert_eq!(upserted_ids(&sink), (1..=20).collect());
 }

@@ -99,8 +99,11 @@ pub struct WebhookSink {
 
 /// `sha256=<hex>`: the signature header's value for `body` under `secret`.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    format!("sha256={}", hex(ring::hmac::sign(&key, body).as_ref()))
+    signed(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), body)
+}
+
+fn signed(key: &ring::hmac::Key, body: &[u8]) -> String {
+    format!("sha256={}", hex(ring::hmac::sign(key, body).as_ref()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -192,8 +195,8 @@ impl WebhookSink {
         }
         let body = bytes::Bytes::from(body.to_string());
         let signature = self.signer.as_ref().map(|key| {
-            let value = format!("sha256={}", hex(ring::hmac::sign(key, &body).as_ref()));
-            let mut value = HeaderValue::from_str(&value).expect("hex is a valid header value");
+            let mut value =
+                HeaderValue::from_str(&signed(key, &body)).expect("hex is a valid header value");
             value.set_sensitive(true);
             value
         });

@@ -24,7 +24,7 @@ use crate::event::{ChangeEvent, Column, Operation, Value};
 /// The version of `pgstream:handler` a component was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContractVersion {
-    /// `pgstream:handler@0.1.0`: no `read`, no `merge-payload`.
+    /// `pgstream:handler@0.1.0`: no `read`, no `merge`.
     V0_1,
     /// `pgstream:handler@0.2.0`, the current one.
     V0_2,

@@ -78,7 +78,8 @@ pub trait HostImports: Send + Sync + 'static {
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ImportError>;
     /// Inserts or replaces points.
     async fn upsert(&self, points: Vec<Point>) -> Result<(), ImportError>;
-    /// Writes points whose payloads merge into the stored ones (see [`Sink::merge`](crate::sink::Sink::merge)).
+    /// Writes points whose payloads merge into the stored ones (see
+    /// [`Sink::merge`](crate::sink::Sink::merge)).
     async fn merge(&self, points: Vec<Point>) -> Result<(), ImportError>;
     /// Deletes points; missing keys are not an error.
     async fn delete(&self, keys: Vec<PointKey>) -> Result<(), ImportError>;

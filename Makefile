@@ -141,6 +141,8 @@ demo: $(VENV_STAMP) wasm-target
 #   languages  size, cold start and throughput of the no-op handler per language, against Rust
 #   multi_tenant  four tenants alone and beside each hostile kind, 50 pipelines against one,
 #              and the seconds a standby host needs to take a pipeline over
+#   embed      the host's embedder against sentence-transformers on the same 2,000 texts, same
+#              threads: texts/s of each and the ratio (host/benches/embed.rs)
 #   decoder    the pgoutput decoder alone (criterion)
 #   instances  handler instances with wasmtime's on-demand and pooling allocators
 #   reload     the swap latency of a hot reload under load, against a restart
@@ -149,8 +151,22 @@ demo: $(VENV_STAMP) wasm-target
 # `cargo bench` builds into the release profile, where the benches look for the host binary.
 BENCH_ENV = PGSTREAM_PLUGIN_DIR=$(WASM_DIR) PGSTREAM_HOST_BIN=$(RELEASE_HOST_BIN)
 
-bench: setup guests guests-js-starlingmonkey
+# The yardstick of the embed bench: torch (CPU) and sentence-transformers, in a virtualenv of
+# their own so that `make test` never needs them. PyPI's Linux torch wheel pulls the CUDA
+# libraries too (a few GB, once); the bench runs it on the CPU only.
+BENCH_VENV := $(CACHE)/bench-venv
+BENCH_PYPI_PACKAGES := torch==2.15.0 sentence-transformers==6.3.0
+BENCH_VENV_STAMP := $(CACHE)/bench-venv-2.15.0-6.3.0.stamp
+
+$(BENCH_VENV_STAMP):
+	rm -rf $(BENCH_VENV) $(CACHE)/bench-venv-*.stamp
+	$(call make-venv,$(BENCH_VENV))
+	$(BENCH_VENV)/bin/pip install --quiet $(BENCH_PYPI_PACKAGES)
+	touch $@
+
+bench: setup guests guests-js-starlingmonkey $(BENCH_VENV_STAMP)
 	cargo build --release -p pgstream-host --bin pgstream-host
+	source $(TEST_ENV) && cargo bench -p pgstream-host --bench embed
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench pipeline
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench embedding
 	source $(TEST_ENV) && $(BENCH_ENV) cargo bench -p pgstream-e2e --bench languages

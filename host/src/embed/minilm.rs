@@ -1,61 +1,44 @@
 //! The in-process embedder: sentence-transformers' `all-MiniLM-L6-v2` (a 6-layer BERT, 384
-//! dimensions) run on the CPU with candle, so a deployment needs no model server.
+//! dimensions) run on the CPU, so a deployment needs no model server.
 //!
 //! It reproduces what `SentenceTransformer("all-MiniLM-L6-v2").encode(texts)` computes:
 //! WordPiece tokens truncated at 256 (the model's `max_seq_length`; the shipped
-//! `tokenizer.json` says 128, so its truncation is overridden), each batch padded to its longest
-//! sequence with the padding masked out of attention, the token vectors mean-pooled over the
-//! real tokens only, then scaled to unit length. `host/tests/embedder.rs` checks the output
-//! against vectors computed by the Python library itself.
+//! `tokenizer.json` says 128, so its truncation is overridden), each text attending to its own
+//! tokens only, the token vectors mean-pooled, then scaled to unit length.
+//! `host/tests/embedder.rs` checks the output against vectors computed by the Python library
+//! itself. The forward pass is this model's own ([`encoder`]): texts packed rather than
+//! padded, candle's `gemm` matmuls, and the element-wise work in single passes.
 //!
 //! Threads: the forward pass is CPU-bound, so it runs on a blocking thread, never on the async
 //! runtime, inside a rayon pool of `threads` workers owned by the embedder; concurrent calls
-//! share that pool. What this bounds, as found in candle 0.11.1's CPU backend:
+//! share that pool. The matmuls split into rayon tasks on the pool the caller is installed in,
+//! and the encoder's own passes run there too, so `threads` bounds the cores embedding uses
+//! (measured: one thread on the 2-core VM, 99% of one core). candle's process-wide spinning
+//! pool of element-wise ops is not used.
 //!
-//! - Matmuls (most of the work) run in `gemm`, which splits each product into rayon tasks on
-//!   the pool the caller is installed in, so the pool caps them. The number of pieces is candle's
-//!   own thread count (`RAYON_NUM_THREADS`, else the number of physical cores), not the pool size.
-//! - Element-wise ops on 64K or more values (GELU, adds, scaling) do NOT use rayon: they go to a
-//!   process-wide pool of spinning "barrier" threads (`candle-bp-*`) sized once from
-//!   `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else physical cores) minus one. No API sets
-//!   it, and setting the variables from here would need `unsafe` `set_var`.
-//!
-//! So a process that wants embedding confined to `threads` cores must also export
-//! `CANDLE_NUM_THREADS=<threads>` (and `RAYON_NUM_THREADS=<threads>`) before it starts; `load`
-//! warns when they are unset and `threads` is below the core count. Measured on a 2-core VM
-//! with `threads: 1`: leaving them unset burns about 30% more CPU for the same batch, spent
-//! spinning in the barrier pool.
-//!
-//! Large batches are cut into sub-batches of at most `max_batch` texts taken in order of token
-//! count, so short texts are not padded to the length of a long one; the results are put back
-//! in input order.
+//! Large batches are cut into sub-batches of at most `max_batch` texts, in input order; with
+//! packing, a short text costs its own tokens whatever its neighbours' lengths.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{Encoding, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 use super::{EmbedError, Embedder, ModelError};
+
+mod encoder;
+
+use encoder::{Config, Encoder};
 
 /// The name vectors from this model are filed under.
 const MODEL_ID: &str = "all-MiniLM-L6-v2";
 
 /// Length of the vectors, the model's hidden size.
-const DIMENSIONS: usize = 384;
-
-/// Number of transformer layers, checked at load so another BERT folder is not passed off
-/// under this model's id.
-const LAYERS: usize = 6;
+const DIMENSIONS: usize = encoder::HIDDEN;
 
 /// sentence-transformers' `max_seq_length` for this model, special tokens included.
 const MAX_TOKENS: usize = 256;
-
-/// Token id of `[PAD]`; padded positions are masked, so the value only has to be a valid id.
-const PAD_ID: u32 = 0;
 
 /// Environment variable that names the model folder explicitly.
 pub const MODEL_DIR_ENV: &str = "PGSTREAM_MODEL_DIR";
@@ -93,7 +76,7 @@ struct LoadedModel {
     /// with the same shapes in `--model-dir`, or another truncation in a later host, never
     /// shares cached vectors with this one.
     id: String,
-    bert: BertModel,
+    encoder: Encoder,
     tokenizer: Tokenizer,
     pool: rayon::ThreadPool,
     max_batch: usize,
@@ -117,15 +100,8 @@ impl MiniLmEmbedder {
             .map_err(|source| load_error(config_path.clone(), source.into()))?;
         let config: Config = serde_json::from_str(&config_text)
             .map_err(|source| load_error(config_path.clone(), source.into()))?;
-        if config.hidden_size != DIMENSIONS || config.num_hidden_layers != LAYERS {
-            return Err(load_error(
-                config_path,
-                format!(
-                    "expected {MODEL_ID} ({LAYERS} layers of {DIMENSIONS}), found {} layers of {}",
-                    config.num_hidden_layers, config.hidden_size
-                )
-                .into(),
-            ));
+        if let Some(mismatch) = config.mismatch() {
+            return Err(load_error(config_path, mismatch.into()));
         }
 
         let tokenizer_path = dir.join("tokenizer.json");
@@ -149,11 +125,10 @@ impl MiniLmEmbedder {
         let weights =
             std::fs::read(&weights_path).map_err(|e| load_error(weights_path.clone(), e.into()))?;
         let id = model_id(&config_text, &tokenizer_bytes, &weights);
-        let bert = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
-            .and_then(|vars| BertModel::load(vars, &config))
-            .map_err(|e| load_error(weights_path, e.into()))?;
+        let encoder =
+            Encoder::load(&weights, &config).map_err(|e| load_error(weights_path, e.into()))?;
+        drop(weights);
 
-        warn_about_global_candle_threads(options.threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
             .thread_name(|index| format!("minilm-{index}"))
@@ -163,7 +138,7 @@ impl MiniLmEmbedder {
         Ok(Self {
             model: Arc::new(LoadedModel {
                 id,
-                bert,
+                encoder,
                 tokenizer,
                 pool,
                 max_batch: options.max_batch,
@@ -224,78 +199,16 @@ impl LoadedModel {
             .encode_batch(inputs, true)
             .map_err(EmbedError::Tokenize)?;
 
-        // A stable sort keeps equal-length texts in input order, so the same batch always
-        // forms the same sub-batches.
-        let mut order: Vec<usize> = (0..encodings.len()).collect();
-        order.sort_by_key(|&index| encodings[index].len());
-
-        let mut vectors = vec![Vec::new(); encodings.len()];
-        for chunk in order.chunks(self.max_batch) {
-            let batch: Vec<&Encoding> = chunk.iter().map(|&index| &encodings[index]).collect();
+        let mut vectors = Vec::with_capacity(encodings.len());
+        for chunk in encodings.chunks(self.max_batch) {
+            let ids: Vec<&[u32]> = chunk.iter().map(|encoding| encoding.get_ids()).collect();
             let pooled = self
-                .forward(&batch)
+                .encoder
+                .embed(&ids)
                 .map_err(|e| EmbedError::Inference(e.into()))?;
-            for (&index, vector) in chunk.iter().zip(pooled) {
-                vectors[index] = vector;
-            }
+            vectors.extend(pooled);
         }
         Ok(vectors)
-    }
-
-    /// Runs one padded sub-batch through BERT, mean-pools over the real tokens and
-    /// normalises, as sentence-transformers' `Pooling` and `Normalize` modules do.
-    fn forward(&self, batch: &[&Encoding]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let rows = batch.len();
-        let width = batch
-            .iter()
-            .map(|encoding| encoding.len())
-            .max()
-            .unwrap_or(0);
-        let mut ids = Vec::with_capacity(rows * width);
-        let mut mask = Vec::with_capacity(rows * width);
-        for encoding in batch {
-            let padding = width - encoding.len();
-            ids.extend_from_slice(encoding.get_ids());
-            ids.extend(std::iter::repeat_n(PAD_ID, padding));
-            mask.extend(encoding.get_attention_mask().iter().map(|&bit| bit as f32));
-            mask.extend(std::iter::repeat_n(0f32, padding));
-        }
-
-        let device = &self.bert.device;
-        let ids = Tensor::from_vec(ids, (rows, width), device)?;
-        let token_types = ids.zeros_like()?;
-        let mask = Tensor::from_vec(mask, (rows, width), device)?;
-        let hidden = self.bert.forward(&ids, &token_types, Some(&mask))?;
-
-        let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
-        // The same floors as sentence-transformers: a text with no real tokens and a zero
-        // vector both stay finite.
-        let counts = mask.sum_keepdim(1)?.clamp(1e-9f32, f32::MAX)?;
-        let mean = summed.broadcast_div(&counts)?;
-        let norms = mean
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12f32, f32::MAX)?;
-        mean.broadcast_div(&norms)?.to_vec2::<f32>()
-    }
-}
-
-/// Warns when candle's process-wide element-wise pool will be larger than the embedder's own
-/// pool, because then `threads` does not bound the cores embedding uses (see the module docs).
-fn warn_about_global_candle_threads(threads: usize) {
-    let configured = ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"]
-        .iter()
-        .any(|name| std::env::var_os(name).is_some());
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    if !configured && threads < cores {
-        tracing::warn!(
-            threads,
-            cores,
-            "CANDLE_NUM_THREADS is unset: candle's element-wise ops will use all {cores} cores \
-             whatever the embedder's thread count; export CANDLE_NUM_THREADS={threads} and \
-             RAYON_NUM_THREADS={threads} to confine it"
-        );
     }
 }
 

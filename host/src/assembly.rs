@@ -296,7 +296,7 @@ pub async fn replay_dead_letters(
             instance = instantiate().await?;
         }
         let events = std::slice::from_ref(&letter.event);
-        sink.begin_batch(&crate::sink::BatchIdentity::of(events));
+        sink.begin_batch(events);
         match instance.handle(events).await {
             Ok(()) => report.replayed.push(letter.id),
             Err(error) => {

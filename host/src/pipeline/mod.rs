@@ -33,7 +33,7 @@ use crate::metrics::{FailureCause, PipelineMetrics, ReloadOutcome};
 use crate::reload::ReloadListener;
 use crate::replication::TableName;
 use crate::runtime::{HandleError, HandlerInstance, ImportErrorKind, Limits, Plugin, RuntimeError};
-use crate::sink::{BatchIdentity, Sink, SinkError};
+use crate::sink::{Sink, SinkError};
 use crate::source::{ChangeSource, SourceError, SourceItem};
 
 pub use batch::{BatchBuilder, Step};
@@ -907,11 +907,10 @@ impl Pipeline {
         let mut attempt = 0;
         let mut tries = 0;
         let mut outage: Option<Outage> = None;
-        let identity = BatchIdentity::of(events);
         loop {
             attempt += 1;
             tries += 1;
-            self.sink.begin_batch(&identity);
+            self.sink.begin_batch(events);
             let instance = match handler {
                 Some(instance) => instance,
                 None => handler.insert(self.instantiate().await?),

@@ -131,8 +131,9 @@ pub trait Sink: Send + Sync {
     /// Deletes every point made from rows of `schema.table`.
     async fn delete_table(&self, schema: &str, table: &str) -> Result<(), SinkError>;
 
-    /// Called by the pipeline before each handler call (each try of one included) with the
-    /// identity of its events; the writes that call makes follow, until the next call. A sink
-    /// that does not name its writes ignores it (the default).
-    fn begin_batch(&self, _batch: &BatchIdentity) {}
+    /// Called by the pipeline before each handler call (each try of one included) with its
+    /// events; the writes that call makes follow, until the next call. A sink that names its
+    /// writes derives their [`BatchIdentity`] from them; the others ignore it (the default), so
+    /// the events are not hashed for sinks that have no use for it.
+    fn begin_batch(&self, _events: &[ChangeEvent]) {}
 }

@@ -43,6 +43,7 @@ use serde_json::{Value as Json, json};
 
 use super::merge_fold::fold_merges;
 use super::{BatchIdentity, Sink, SinkError};
+use crate::event::ChangeEvent;
 use crate::point::{Point, PointKey};
 
 /// The environment variable the signing secret is read from (never a flag: flags show up in
@@ -381,12 +382,13 @@ impl Sink for WebhookSink {
             .await
     }
 
-    fn begin_batch(&self, batch: &BatchIdentity) {
+    fn begin_batch(&self, events: &[ChangeEvent]) {
+        let identity = BatchIdentity::of(events);
         let mut current = self
             .batch
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *current = (Some(batch.clone()), 0);
+        *current = (Some(identity), 0);
     }
 }
 
